@@ -1,0 +1,109 @@
+"""Command-line parsing: every upstream ``launch_server`` flag, plus turbo's own group.
+
+We build upstream's parser (``ServerArgs.add_cli_args``) and add a ``turbo``
+argument group to it, so ``--help`` shows both and a misspelled flag gets
+argparse's own error naming it. Turbo flags are then split off and the rest is
+handed, unchanged, to upstream's ``prepare_server_args``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from turbo.zoo.presets import DEFAULT_MODEL, PRESETS, zoo_names, zoo_path
+
+# Flags whose value may name an embedded model instead of a path.
+MODEL_PATH_FLAGS = ("--model-path", "--model", "--tokenizer-path", "--speculative-draft-model-path")
+
+
+@dataclass(frozen=True)
+class TurboServeConfig:
+    """Turbo's own serving flags (``--turbo-*``)."""
+
+    list_models: bool = False  # --turbo-list-models
+    kv_budget_gb: float | None = None  # --turbo-kv-budget-gb  <->  SGLANG_TURBO_KV_BUDGET_GB
+
+    def __post_init__(self) -> None:
+        if self.kv_budget_gb is not None and self.kv_budget_gb <= 0:
+            raise ValueError(f"--turbo-kv-budget-gb must be > 0, got {self.kv_budget_gb}")
+
+
+def add_turbo_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("turbo", "sglang-turbo options (everything above is upstream SGLang's)")
+    group.add_argument(
+        "--turbo-list-models", action="store_true",
+        help="Print the embedded models (usable as --model-path NAME) and exit.",
+    )
+    group.add_argument(
+        "--turbo-kv-budget-gb", type=float, default=None, metavar="GB",
+        help="On the portable CPU platform, memory the KV pool may take when --max-total-tokens "
+        "is not given (default 2; env SGLANG_TURBO_KV_BUDGET_GB).",
+    )
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Launch SGLang with the Turbo layer. Without --model-path, serves the embedded "
+        f"model {DEFAULT_MODEL!r}.",
+    )
+    ServerArgs.add_cli_args(parser)
+    add_turbo_args(parser)
+    return parser
+
+
+def _flag_value_index(argv: list[str], flags: tuple[str, ...]) -> list[tuple[int, str]]:
+    """Positions of ``--flag VALUE`` / ``--flag=VALUE`` in argv for the given flags: (index, flag)."""
+    hits = []
+    for i, arg in enumerate(argv):
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            hits.append((i, name))
+    return hits
+
+
+def resolve_model_names(argv: list[str]) -> list[str]:
+    """Replaces embedded model names (``turbo-tiny``...) by their shipped directories.
+
+    A value that is an existing path is left alone, so a local directory named like
+    an embedded model still wins.
+    """
+    known = set(zoo_names()) | set(PRESETS)
+    out = list(argv)
+    for i, flag in _flag_value_index(out, MODEL_PATH_FLAGS):
+        if "=" in out[i]:
+            value, write = out[i].split("=", 1)[1], (lambda v, i=i, f=flag: out.__setitem__(i, f"{f}={v}"))
+        elif i + 1 < len(out):
+            value, write = out[i + 1], (lambda v, i=i: out.__setitem__(i + 1, v))
+        else:
+            continue
+        if value in known and not os.path.exists(value):
+            write(str(zoo_path(value)))
+    return out
+
+
+def split_turbo_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[TurboServeConfig, list[str]]:
+    """Parses argv with the full parser (exits with a clear error on a bad flag) and
+    returns turbo's config plus argv without the turbo flags."""
+    ns = parser.parse_args(argv)
+    cfg = TurboServeConfig(list_models=ns.turbo_list_models, kv_budget_gb=ns.turbo_kv_budget_gb)
+    # Arity of every turbo flag, read from the parser so a new flag needs no change here.
+    arity = {
+        opt: (0 if action.nargs == 0 else 1)
+        for action in parser._actions
+        if action.dest.startswith("turbo_")
+        for opt in action.option_strings
+    }
+    upstream_argv, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in arity:
+            i += 1 + (arity[name] if "=" not in argv[i] else 0)
+            continue
+        upstream_argv.append(argv[i])
+        i += 1
+    return cfg, upstream_argv

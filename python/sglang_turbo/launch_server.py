@@ -1,0 +1,112 @@
+"""``python -m sglang_turbo.launch_server``: upstream's launcher with the Turbo layer.
+
+Every flag of ``python -m sglang.launch_server`` works with the same meaning.
+What this adds, in order:
+1. SGLang's plugins are loaded (ours registers the portable platform and hooks).
+2. Turbo flags (``--turbo-*``) are parsed and split off; bad flags exit with argparse's error.
+3. Embedded model names (``turbo-tiny``) become their shipped directories; no
+   ``--model-path`` means the default embedded model.
+4. On the portable CPU platform, ``--device cpu`` is supplied when not given.
+5. Upstream's ``prepare_server_args`` and ``run_server`` take over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+
+from turbo.zoo.presets import DEFAULT_MODEL, zoo_names, zoo_path
+
+from . import args as turbo_args
+
+logger = logging.getLogger(__name__)
+
+
+def _has_flag(argv: list[str], *flags: str) -> bool:
+    return any(a.split("=", 1)[0] in flags for a in argv)
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """Steps 3-4: the argv upstream will see (turbo flags already removed)."""
+    from sglang.srt.platforms import current_platform
+
+    from .platform import TurboCpuPlatform
+
+    argv = list(argv)
+    if not _has_flag(argv, "--model-path", "--model"):
+        argv = ["--model-path", DEFAULT_MODEL] + argv
+    argv = turbo_args.resolve_model_names(argv)
+    if isinstance(current_platform, TurboCpuPlatform) and not _has_flag(argv, "--device"):
+        argv += ["--device", "cpu"]
+    return argv
+
+
+def _print_usage_when_ready(base_url: str, model: str, api_key: str | None, timeout_s: float = 900) -> None:
+    """Waits for /health, then tells the user how to call the server."""
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            req = urllib.request.Request(f"{base_url}/health", headers=headers)
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        time.sleep(1)
+    else:
+        return
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    sys.stderr.write(
+        f"\nsglang-turbo is serving {model} at {base_url}\n"
+        f"  curl {base_url}/generate{auth} -H 'Content-Type: application/json' \\\n"
+        "       -d '{\"text\": \"def fibonacci(n):\", \"sampling_params\": {\"max_new_tokens\": 48, \"temperature\": 0}}'\n"
+        f"  curl {base_url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\\n"
+        "       -d '{\"model\": \"default\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 12 + 30?\"}]}'\n"
+        "  python -m sglang.bench_serving --backend sglang --dataset-name random-ids "
+        f"--base-url {base_url} --num-prompts 32\n\n"
+    )
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m sglang_turbo.launch_server") -> None:
+    from sglang.srt.plugins import load_plugins
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    load_plugins()  # step 1
+
+    parser = turbo_args.build_parser(prog)
+    cfg, upstream_argv = turbo_args.split_turbo_args(parser, argv)  # step 2
+    if cfg.list_models:
+        for name in zoo_names():
+            print(f"{name}\t{zoo_path(name)}")
+        return
+    if cfg.kv_budget_gb is not None:
+        os.environ["SGLANG_TURBO_KV_BUDGET_GB"] = str(cfg.kv_budget_gb)  # read by env.py in every process
+
+    upstream_argv = prepare_argv(upstream_argv)  # steps 3-4
+
+    from sglang.launch_server import run_server
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    server_args = prepare_server_args(upstream_argv)  # step 5
+    model = str(server_args.model_path)
+    threading.Thread(
+        target=_print_usage_when_ready,
+        args=(server_args.url(), os.path.basename(model.rstrip("/")), server_args.api_key),
+        daemon=True,
+    ).start()
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()
