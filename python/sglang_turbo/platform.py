@@ -79,7 +79,9 @@ class TurboCpuPlatform(CpuDeviceMixin, SRTPlatform):
         torch.set_num_threads(env.torch_threads())
 
     def get_default_attention_backend(self) -> str:
-        return "torch_native"
+        from .attention import BACKEND_NAME
+
+        return BACKEND_NAME  # batched; upstream's torch_native loops over requests in Python
 
     def get_default_speculative_draft_attention_backend(self, algorithm: str) -> str:
         return self.get_default_attention_backend()

@@ -11,6 +11,7 @@ import functools
 
 @functools.cache  # SGLang calls this in every process; a second call is a no-op
 def register() -> None:
-    from . import validation
+    from . import attention, validation
 
-    validation.register()
+    attention.register()  # --attention-backend turbo_native
+    validation.register()  # request checks upstream lacks

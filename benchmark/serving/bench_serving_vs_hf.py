@@ -1,0 +1,197 @@
+"""sglang-turbo vs transformers ``generate``: the same model and requests, side by side.
+
+    python benchmark/serving/bench_serving_vs_hf.py                # turbo-tiny, 32 requests, concurrency 1 and 16
+    python benchmark/serving/bench_serving_vs_hf.py --num-prompts 64 --concurrency 1,4,16
+
+Workload (seeded): prompt lengths uniform in [32, 512] tokens, output lengths
+uniform in [16, 256] tokens, EOS ignored, greedy. For each concurrency C:
+- sglang-turbo: the server gets C requests in flight at a time (continuous batching,
+  radix cache flushed before each run);
+- transformers: C == 1 runs ``generate`` request by request; C > 1 runs static
+  batches of C (left-padded, as a ``generate`` user would), each batch running to its
+  longest output; only the tokens each request asked for are counted.
+Figures: output tokens/s (requested output tokens / wall time) and mean time per
+output token (mean over requests of latency / output tokens). Ratios last.
+Writes benchmark/results/serving/bench_serving_vs_hf.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmark" / "results" / "serving"
+
+
+def make_workload(n: int, vocab_size: int, seed: int, first_id: int = 16) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {
+            "input_ids": [rng.randrange(first_id, vocab_size) for _ in range(rng.randint(32, 512))],
+            "max_new_tokens": rng.randint(16, 256),
+        }
+        for _ in range(n)
+    ]
+
+
+# ----------------------------------------------------------------------------- sglang-turbo
+
+
+def _post(url: str, payload: dict, timeout: float = 600) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def run_server(base_url: str, workload: list[dict], concurrency: int) -> dict:
+    _post(f"{base_url}/flush_cache", {})
+
+    def one(item: dict) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        out = _post(f"{base_url}/generate", {
+            "input_ids": item["input_ids"],
+            "sampling_params": {"max_new_tokens": item["max_new_tokens"], "temperature": 0, "ignore_eos": True},
+        })
+        n_out = out["meta_info"]["completion_tokens"]
+        assert n_out == item["max_new_tokens"], f"server returned {n_out} tokens, asked {item['max_new_tokens']}"
+        return time.perf_counter() - t0, n_out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        samples = list(pool.map(one, workload))
+    return _summarise(samples, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def run_hf(model, workload: list[dict], concurrency: int, pad_id: int) -> dict:
+    samples, t_start = [], time.perf_counter()
+    for start in range(0, len(workload), concurrency):
+        batch = workload[start : start + concurrency]
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):  # left padding
+            ids[i, width - len(r["input_ids"]) :] = torch.tensor(r["input_ids"])
+            attn[i, width - len(r["input_ids"]) :] = 1
+        n_new = max(r["max_new_tokens"] for r in batch)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n_new, min_new_tokens=n_new,
+                           do_sample=False, pad_token_id=pad_id)
+        latency = time.perf_counter() - t0  # every request of a static batch finishes with it
+        samples += [(latency, r["max_new_tokens"]) for r in batch]
+    return _summarise(samples, time.perf_counter() - t_start)
+
+
+def _summarise(samples: list[tuple[float, int]], wall_s: float) -> dict:
+    out_tokens = sum(n for _, n in samples)
+    return {
+        "output_tok_s": out_tokens / wall_s,
+        "mean_tpot_ms": 1e3 * statistics.mean(lat / n for lat, n in samples),
+        "wall_s": wall_s,
+        "output_tokens": out_tokens,
+        "samples": [{"latency_s": lat, "output_tokens": n} for lat, n in samples],
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concs = [str(c) for c in result["concurrency"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    for i, system in enumerate(("sglang-turbo", "transformers")):
+        vals = [result["runs"][system][c]["output_tok_s"] for c in concs]
+        ax.bar([j + (i - 0.5) * width for j in range(len(concs))], vals, width, label=system)
+    ax.set_xticks(range(len(concs)), [f"concurrency {c}" for c in concs])
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"{result['model_name']}: serving vs transformers generate")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="turbo-tiny", help="embedded model name or checkpoint directory")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated concurrency levels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-args", default="", help="extra launch_server flags, one string")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_serving_vs_hf.json")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sglang_turbo.server_process import kill_server, launch_turbo_server
+    from turbo.zoo.presets import PRESETS, zoo_path
+
+    model_path = zoo_path(args.model) if args.model in PRESETS else Path(args.model)
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    config = AutoConfig.from_pretrained(model_path)
+    workload = make_workload(args.num_prompts, config.vocab_size, args.seed)
+    warmup = make_workload(2, config.vocab_size, args.seed + 1)
+
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    proc, url = launch_turbo_server(model_path, args.server_args.split())
+    runs: dict[str, dict] = {"sglang-turbo": {}, "transformers": {}}
+    try:
+        run_server(url, warmup, 2)
+        run_hf(hf, warmup, 2, pad_id)
+        for c in concurrency:
+            runs["sglang-turbo"][str(c)] = run_server(url, workload, c)
+            runs["transformers"][str(c)] = run_hf(hf, workload, c, pad_id)
+    finally:
+        kill_server(proc)
+
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    result = {
+        "command": " ".join(["python benchmark/serving/bench_serving_vs_hf.py"] + sys.argv[1:]),
+        "git_sha": sha,
+        "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": torch.get_num_threads()},
+        "model_name": args.model,
+        "seed": args.seed,
+        "num_prompts": args.num_prompts,
+        "concurrency": concurrency,
+        "server_args": args.server_args,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+
+    for c in concurrency:
+        t, h = runs["sglang-turbo"][str(c)], runs["transformers"][str(c)]
+        print(f"concurrency {c:>3}  sglang-turbo  tok/s {t['output_tok_s']:8.1f}  tpot_ms {t['mean_tpot_ms']:7.2f}")
+        print(f"concurrency {c:>3}  transformers  tok/s {h['output_tok_s']:8.1f}  tpot_ms {h['mean_tpot_ms']:7.2f}")
+    for c in concurrency:
+        t, h = runs["sglang-turbo"][str(c)], runs["transformers"][str(c)]
+        print(f"concurrency {c:>3}  sglang-turbo/transformers: tok/s {t['output_tok_s'] / h['output_tok_s']:.2f}x"
+              f"  tpot_ms {t['mean_tpot_ms'] / h['mean_tpot_ms']:.2f}x")
+    return result
+
+
+if __name__ == "__main__":
+    main()
