@@ -39,7 +39,7 @@ def add_turbo_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--turbo-kv-budget-gb", type=float, default=None, metavar="GB",
         help="On the portable CPU platform, memory the KV pool may take when --max-total-tokens "
-        "is not given (default 2; env SGLANG_TURBO_KV_BUDGET_GB).",
+        "is not given (default 1; env SGLANG_TURBO_KV_BUDGET_GB).",
     )
 
 

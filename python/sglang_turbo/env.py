@@ -3,7 +3,7 @@
 | variable | meaning | default |
 | --- | --- | --- |
 | ``SGLANG_TURBO_PLATFORM`` | ``off`` keeps the portable CPU platform from activating | on |
-| ``SGLANG_TURBO_KV_BUDGET_GB`` | memory the CPU KV pool may take when ``--max-total-tokens`` is unset | 2 |
+| ``SGLANG_TURBO_KV_BUDGET_GB`` | memory the CPU KV pool may take when ``--max-total-tokens`` is unset | 1 |
 | ``SGLANG_TURBO_THREADS`` | torch threads of the scheduler process on CPU | cores the process may use |
 """
 
@@ -22,7 +22,7 @@ def upstream_cpu_engine_requested() -> bool:
 
 
 def kv_budget_bytes() -> int:
-    raw = os.environ.get("SGLANG_TURBO_KV_BUDGET_GB", "2")
+    raw = os.environ.get("SGLANG_TURBO_KV_BUDGET_GB", "1")
     try:
         gb = float(raw)
     except ValueError:

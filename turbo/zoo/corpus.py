@@ -46,20 +46,32 @@ def _is_held_out(key: str, held_out_fraction: float) -> bool:
 
 
 def code_documents(split: str, held_out_fraction: float = 0.03) -> Iterator[Document]:
-    """Standard-library source files, sorted by path; ``split`` is "train" or "heldout"."""
+    """Standard-library source files, sorted by path; ``split`` is "train" or "heldout".
+
+    Files are assigned by a hash of their path; a held-out file whose text also
+    occurs in training (identical ``__init__.py`` stubs) is dropped from held-out.
+    """
     root = stdlib_dir()
+    train_texts: set[str] = set()
+    held_out: list[str] = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
         if _EXCLUDED_DIRS.intersection(rel.parts[:-1]) or rel.name.startswith("test_"):
-            continue
-        if _is_held_out(str(rel), held_out_fraction) != (split == "heldout"):
             continue
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if text.strip():
+        if not text.strip():
+            continue
+        if _is_held_out(str(rel), held_out_fraction):
+            held_out.append(text)
+        elif split == "train":
             yield Document("code", text)
+        else:
+            train_texts.add(text)
+    if split == "heldout":
+        yield from (Document("code", t) for t in held_out if t not in train_texts)
 
 
 # --------------------------------------------------------------------------- records domain

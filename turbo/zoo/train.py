@@ -49,19 +49,37 @@ def _encode_stream(tok, docs: list[Document]) -> torch.Tensor:
 def build_streams(cfg: TinyLlamaConfig, out_dir: Path):
     """Steps 1-3: returns (tokenizer, train stream, {domain: held-out stream})."""
     code_train = list(code_documents("train", cfg.held_out_fraction))
-    code_heldout = list(code_documents("heldout", cfg.held_out_fraction))
-    code_chars = sum(len(d.text) for d in code_train)
-    # Records are short; aim the character share at the token share wanted.
-    n_records = max(1, int(code_chars * cfg.records_fraction / (1 - cfg.records_fraction) / 220))
-    records_train = list(record_documents(cfg.seed, n_records))
-    records_heldout = list(record_documents(_RECORD_SEED_HELD_OUT + cfg.seed, max(50, n_records // 30)))
-
+    records_train = list(record_documents(cfg.seed, _n_records(cfg, code_train)))
     tok = train_tokenizer((d.text for d in code_train + records_train), cfg.vocab_size)
     save_tokenizer(tok, out_dir, cfg.max_position_embeddings)
     train = _encode_stream(tok, code_train + records_train)
-    heldout = {"code": _encode_stream(tok, code_heldout), "records": _encode_stream(tok, records_heldout)}
+    heldout = heldout_streams(cfg, tok, _n_records(cfg, code_train))
     logger.info("train tokens %d, held-out tokens %s", train.numel(), {k: v.numel() for k, v in heldout.items()})
     return tok, train, heldout
+
+
+def _n_records(cfg: TinyLlamaConfig, code_train: list[Document]) -> int:
+    # Records are short; aim the character share at the token share wanted.
+    code_chars = sum(len(d.text) for d in code_train)
+    return max(1, int(code_chars * cfg.records_fraction / (1 - cfg.records_fraction) / 220))
+
+
+def heldout_streams(cfg: TinyLlamaConfig, tok, n_train_records: int) -> dict[str, torch.Tensor]:
+    """Token streams never trained on: held-out stdlib files, and records from another seed."""
+    code = list(code_documents("heldout", cfg.held_out_fraction))
+    records = list(record_documents(_RECORD_SEED_HELD_OUT + cfg.seed, max(50, n_train_records // 30)))
+    return {"code": _encode_stream(tok, code), "records": _encode_stream(tok, records)}
+
+
+def evaluate(cfg: TinyLlamaConfig, model_dir: Path) -> dict[str, float]:
+    """Held-out perplexity per domain of the model saved in ``model_dir``."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    n_records = _n_records(cfg, list(code_documents("train", cfg.held_out_fraction)))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return {domain: perplexity(model, s, cfg.seq_len) for domain, s in heldout_streams(cfg, tok, n_records).items()}
 
 
 def create_model(cfg: TinyLlamaConfig, tok):
@@ -194,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="re-measure held-out perplexity of the saved model and update recipe.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = PRESETS[args.preset]
@@ -201,7 +221,13 @@ def main(argv: list[str] | None = None) -> None:
         from dataclasses import replace
 
         cfg = replace(cfg, steps=args.steps)
-    results = train(cfg, args.out or WEIGHTS_DIR / cfg.name, threads=args.threads)
+    out_dir = args.out or WEIGHTS_DIR / cfg.name
+    if args.eval_only:
+        results = json.loads((out_dir / "recipe.json").read_text())
+        results["heldout_perplexity"] = evaluate(cfg, out_dir)
+        (out_dir / "recipe.json").write_text(json.dumps(results, indent=2) + "\n")
+    else:
+        results = train(cfg, out_dir, threads=args.threads)
     json.dump(results["heldout_perplexity"], sys.stdout)
     print()
 
