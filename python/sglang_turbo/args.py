@@ -90,7 +90,10 @@ def split_turbo_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[
     """Parses argv with the full parser (exits with a clear error on a bad flag) and
     returns turbo's config plus argv without the turbo flags."""
     ns = parser.parse_args(argv)
-    cfg = TurboServeConfig(list_models=ns.turbo_list_models, kv_budget_gb=ns.turbo_kv_budget_gb)
+    try:
+        cfg = TurboServeConfig(list_models=ns.turbo_list_models, kv_budget_gb=ns.turbo_kv_budget_gb)
+    except ValueError as e:
+        parser.error(str(e))  # exits 2 with usage, like any other bad flag
     # Arity of every turbo flag, read from the parser so a new flag needs no change here.
     arity = {
         opt: (0 if action.nargs == 0 else 1)

@@ -3,11 +3,11 @@
 Every flag of ``python -m sglang.launch_server`` works with the same meaning.
 What this adds, in order:
 1. SGLang's plugins are loaded (ours registers the portable platform and hooks).
-2. Turbo flags (``--turbo-*``) are parsed and split off; bad flags exit with argparse's error.
-3. Embedded model names (``turbo-tiny``) become their shipped directories; no
-   ``--model-path`` means the default embedded model.
-4. On the portable CPU platform, ``--device cpu`` is supplied when not given.
-5. Upstream's ``prepare_server_args`` and ``run_server`` take over.
+2. Embedded model names (``turbo-tiny``) become their shipped directories; no
+   ``--model-path`` means the default embedded model. On the portable CPU
+   platform, ``--device cpu`` is supplied when not given.
+3. Turbo flags (``--turbo-*``) are parsed and split off; bad flags exit with argparse's error.
+4. Upstream's ``prepare_server_args`` and ``run_server`` take over.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _has_flag(argv: list[str], *flags: str) -> bool:
 
 
 def prepare_argv(argv: list[str]) -> list[str]:
-    """Steps 3-4: the argv upstream will see (turbo flags already removed)."""
+    """Step 2: argv with the default model, shipped directories and the device filled in."""
     from sglang.srt.platforms import current_platform
 
     from .platform import TurboCpuPlatform
@@ -80,8 +80,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m sglang_turbo.laun
     argv = sys.argv[1:] if argv is None else list(argv)
     load_plugins()  # step 1
 
+    # Step 2 before parsing, so that a misspelled flag, not a missing --model-path, is what argparse reports.
+    if not _has_flag(argv, "-h", "--help", "--turbo-list-models"):  # these need no model on disk
+        try:
+            argv = prepare_argv(argv)
+        except FileNotFoundError as e:  # an embedded model that is not shipped in this checkout
+            sys.exit(f"{prog}: error: {e}")
     parser = turbo_args.build_parser(prog)
-    cfg, upstream_argv = turbo_args.split_turbo_args(parser, argv)  # step 2
+    cfg, upstream_argv = turbo_args.split_turbo_args(parser, argv)  # step 3
     if cfg.list_models:
         for name in zoo_names():
             print(f"{name}\t{zoo_path(name)}")
@@ -89,13 +95,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m sglang_turbo.laun
     if cfg.kv_budget_gb is not None:
         os.environ["SGLANG_TURBO_KV_BUDGET_GB"] = str(cfg.kv_budget_gb)  # read by env.py in every process
 
-    upstream_argv = prepare_argv(upstream_argv)  # steps 3-4
-
     from sglang.launch_server import run_server
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
-    server_args = prepare_server_args(upstream_argv)  # step 5
+    server_args = prepare_server_args(upstream_argv)  # step 4
     model = str(server_args.model_path)
     threading.Thread(
         target=_print_usage_when_ready,

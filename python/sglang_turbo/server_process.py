@@ -2,74 +2,121 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+LOG_TAIL_CHARS = 6000
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or never became healthy; the message carries the command and the log's tail."""
+
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _healthy(base_url: str, api_key: str | None) -> bool:
+def log_tail(log_path: str | os.PathLike, chars: int = LOG_TAIL_CHARS) -> str:
+    try:
+        return Path(log_path).read_text(errors="replace")[-chars:]
+    except OSError as e:
+        return f"<no log at {log_path}: {e}>"
+
+
+def _health_status(base_url: str, api_key: str | None) -> str:
+    """'200', another HTTP status (503 while upstream's warmup request runs), or the error's name."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         req = urllib.request.Request(f"{base_url}/health", headers=headers)
-        with urllib.request.urlopen(req, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return str(resp.status)
+    except urllib.error.HTTPError as e:
+        return str(e.code)
+    except OSError as e:
+        return type(e).__name__
 
 
 def launch_turbo_server(
-    model_path: str | Path,
-    extra_args: list[str] | None = None,
+    model_path: str | os.PathLike,
+    extra_args: list[str] | tuple[str, ...] = (),
     timeout_s: float = 240,
     env: dict[str, str] | None = None,
-    log_path: str | Path | None = None,
+    log_dir: str | os.PathLike | None = None,
     api_key: str | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """Runs ``python -m sglang_turbo.launch_server`` on 127.0.0.1 and waits for /health.
+    """Runs ``python -m sglang_turbo.launch_server`` on a free port of 127.0.0.1 and waits for /health.
 
-    Returns (process, base_url). Raises RuntimeError with the log's tail if the
-    server exits or is not healthy within ``timeout_s``.
+    Returns ``(process, base_url)``; ``process.log_path`` names the log
+    (``server-PORT.log`` in ``log_dir``, a fresh temporary directory by default).
+    ``api_key`` is passed as ``--api-key`` and used for the readiness probe.
+    Raises :class:`ServerStartError` (after killing what started) if the server
+    exits or is not healthy within ``timeout_s``.
     """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "sglang_turbo.launch_server", "--model-path", str(model_path),
-            "--host", "127.0.0.1", "--port", str(port)] + list(extra_args or [])
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="sglang-turbo-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "sglang_turbo.launch_server", "--model-path", str(model_path),
+           "--host", "127.0.0.1", "--port", str(port), *extra_args]
     if api_key:
-        args += ["--api-key", api_key]
-    if log_path is None:
-        log_path = Path(tempfile.mkdtemp(prefix="sglang-turbo-")) / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            break
-        if _healthy(base_url, api_key):
+        cmd += ["--api-key", api_key]
+    with open(log_path, "wb") as log:
+        # A new session: a Ctrl-C in the parent does not reach the server half-way through a test.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+    proc.log_path = str(log_path)
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while proc.poll() is None and time.monotonic() < deadline:
+        last = _health_status(base_url, api_key)
+        if last == "200":
             return proc, base_url
         time.sleep(1)
+    why = (f"exited with code {proc.returncode}" if proc.poll() is not None
+           else f"not healthy after {timeout_s:.0f}s (last /health: {last})")
     kill_server(proc)
-    tail = Path(log_path).read_bytes()[-4000:].decode(errors="replace")
-    raise RuntimeError(f"sglang-turbo server did not become healthy in {timeout_s}s; log {log_path}:\n{tail}")
+    raise ServerStartError(f"sglang-turbo server {why}\ncommand: {' '.join(cmd)}\n"
+                           f"--- tail of {log_path} ---\n{log_tail(log_path)}")
 
 
-def kill_server(proc: subprocess.Popen) -> None:
-    """Kills the server and every process it started (scheduler, detokenizer)."""
-    from sglang.srt.utils import kill_process_tree
+def kill_server(proc: subprocess.Popen | None, timeout_s: float = 20) -> None:
+    """Stops a launched server and every process it spawned (scheduler, detokenizer).
 
-    if proc.poll() is None:
-        kill_process_tree(proc.pid)
+    Descendants are collected before the parent is signalled, so children that get
+    re-parented when the launcher exits are still found. SIGTERM first lets
+    upstream clean up its IPC files; SIGKILL whatever is left.
+    """
+    import psutil
+
+    if proc is None:
+        return
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        parent = psutil.Process(proc.pid)
+        procs = [parent] + parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    with contextlib.suppress(ProcessLookupError, OSError):
+        proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s / 2)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    _, still_alive = psutil.wait_procs(alive, timeout=timeout_s / 2)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=1)
+    if still_alive:
+        raise RuntimeError(f"server processes survived SIGKILL: {[p.pid for p in still_alive]}")
