@@ -20,9 +20,9 @@ MODEL_PATH_FLAGS = ("--model-path", "--model", "--tokenizer-path", "--speculativ
 
 @dataclass(frozen=True)
 class TurboServeConfig:
-    """Turbo's own serving flags (``--turbo-*``)."""
+    """Turbo's own serving flags (``--turbo-*``) that reach the server; ``--turbo-list-models``
+    is answered by the launcher before parsing."""
 
-    list_models: bool = False  # --turbo-list-models
     kv_budget_gb: float | None = None  # --turbo-kv-budget-gb  <->  SGLANG_TURBO_KV_BUDGET_GB
 
     def __post_init__(self) -> None:
@@ -91,7 +91,7 @@ def split_turbo_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[
     returns turbo's config plus argv without the turbo flags."""
     ns = parser.parse_args(argv)
     try:
-        cfg = TurboServeConfig(list_models=ns.turbo_list_models, kv_budget_gb=ns.turbo_kv_budget_gb)
+        cfg = TurboServeConfig(kv_budget_gb=ns.turbo_kv_budget_gb)
     except ValueError as e:
         parser.error(str(e))  # exits 2 with usage, like any other bad flag
     # Arity of every turbo flag, read from the parser so a new flag needs no change here.

@@ -81,17 +81,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m sglang_turbo.laun
     load_plugins()  # step 1
 
     # Step 2 before parsing, so that a misspelled flag, not a missing --model-path, is what argparse reports.
-    if not _has_flag(argv, "-h", "--help", "--turbo-list-models"):  # these need no model on disk
+    if _has_flag(argv, "--turbo-list-models"):
+        for name in zoo_names():
+            print(f"{name}\t{zoo_path(name)}")
+        return
+    if not _has_flag(argv, "-h", "--help"):  # help needs no model on disk
         try:
             argv = prepare_argv(argv)
         except FileNotFoundError as e:  # an embedded model that is not shipped in this checkout
             sys.exit(f"{prog}: error: {e}")
     parser = turbo_args.build_parser(prog)
     cfg, upstream_argv = turbo_args.split_turbo_args(parser, argv)  # step 3
-    if cfg.list_models:
-        for name in zoo_names():
-            print(f"{name}\t{zoo_path(name)}")
-        return
     if cfg.kv_budget_gb is not None:
         os.environ["SGLANG_TURBO_KV_BUDGET_GB"] = str(cfg.kv_budget_gb)  # read by env.py in every process
 

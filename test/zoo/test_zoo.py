@@ -41,17 +41,41 @@ def test_shipped_model_fits_in_git(name):
 
 
 @pytest.mark.parametrize("name", zoo_names())
-def test_shipped_model_loads_with_transformers_and_writes_code(name):
-    """Standard transformers format; greedy continuation of a def is not noise."""
+def test_shipped_model_predicts_held_out_code_not_noise(name):
+    """Loads with transformers; greedy next token right on over a quarter of held-out stdlib code.
+
+    turbo-tiny measures 0.34 (2026-11-25); a random-weight model of the same shape measures 0.0.
+    """
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from turbo.zoo.corpus import code_documents
+    from turbo.zoo.train import _encode_stream
+
+    path = zoo_path(name)
+    cfg = PRESETS[name]
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    stream = _encode_stream(tok, list(code_documents("heldout", cfg.held_out_fraction)))
+    n, width = 4, cfg.seq_len
+    rows = torch.stack([stream[i * width : (i + 1) * width + 1] for i in range(n)])
+    with torch.no_grad():
+        accuracy = (model(rows[:, :-1]).logits.argmax(-1) == rows[:, 1:]).float().mean().item()
+    assert accuracy > 0.25, f"{name}: greedy next-token accuracy on held-out code {accuracy:.3f}"
+
+
+@pytest.mark.parametrize("name", zoo_names())
+def test_shipped_model_closes_a_range_call(name):
+    """A readable sign of code: ``for i in range(`` is continued with the call's closing ``):``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = zoo_path(name)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = tok("def __init__(self", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=24, do_sample=False)
+    ids = tok("for i in range(", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
     text = tok.decode(out[0, ids.shape[1]:])
-    assert "self" in text or ":" in text, f"{name} continued a def with {text!r}"
+    assert "):" in text, f"{name} continued 'for i in range(' with {text!r}"
 
 
 @pytest.mark.parametrize("name", zoo_names())

@@ -112,7 +112,7 @@ def _lr_at(cfg: TinyLlamaConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def perplexity(model, stream: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+def perplexity(model, stream: torch.Tensor, seq_len: int, max_windows: int = 256) -> float:
     """exp(mean next-token loss) over consecutive non-overlapping windows of ``stream``."""
     model.eval()
     n = min(max_windows, (stream.numel() - 1) // seq_len)

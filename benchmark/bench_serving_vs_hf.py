@@ -1,7 +1,7 @@
 """sglang-turbo vs transformers ``generate``: the same model and requests, side by side.
 
-    python benchmark/serving/bench_serving_vs_hf.py                # turbo-tiny, 32 requests, concurrency 1 and 16
-    python benchmark/serving/bench_serving_vs_hf.py --num-prompts 64 --concurrency 1,4,16
+    python benchmark/bench_serving_vs_hf.py                # turbo-tiny, 32 requests, concurrency 1 and 16
+    python benchmark/bench_serving_vs_hf.py --num-prompts 64 --concurrency 1,4,16
 
 Workload (seeded): prompt lengths uniform in [32, 512] tokens, output lengths
 uniform in [16, 256] tokens, EOS ignored, greedy. For each concurrency C:
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmark" / "results" / "serving"
 
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     result = {
-        "command": " ".join(["python benchmark/serving/bench_serving_vs_hf.py"] + sys.argv[1:]),
+        "command": " ".join(["python benchmark/bench_serving_vs_hf.py"] + sys.argv[1:]),
         "git_sha": sha,
         "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": torch.get_num_threads()},
         "model_name": args.model,
