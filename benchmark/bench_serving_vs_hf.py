@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -49,21 +50,21 @@ def make_workload(n: int, vocab_size: int, seed: int, first_id: int = 16) -> lis
 # ----------------------------------------------------------------------------- sglang-turbo
 
 
-def _post(url: str, payload: dict, timeout: float = 600) -> dict:
+def _post(url: str, payload: dict, timeout: float = 600) -> bytes:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+        return resp.read()
 
 
 def run_server(base_url: str, workload: list[dict], concurrency: int) -> dict:
-    _post(f"{base_url}/flush_cache", {})
+    _post(f"{base_url}/flush_cache", {})  # answers plain text
 
     def one(item: dict) -> tuple[float, int]:
         t0 = time.perf_counter()
-        out = _post(f"{base_url}/generate", {
+        out = json.loads(_post(f"{base_url}/generate", {
             "input_ids": item["input_ids"],
             "sampling_params": {"max_new_tokens": item["max_new_tokens"], "temperature": 0, "ignore_eos": True},
-        })
+        }))
         n_out = out["meta_info"]["completion_tokens"]
         assert n_out == item["max_new_tokens"], f"server returned {n_out} tokens, asked {item['max_new_tokens']}"
         return time.perf_counter() - t0, n_out
@@ -95,6 +96,16 @@ def run_hf(model, workload: list[dict], concurrency: int, pad_id: int) -> dict:
         latency = time.perf_counter() - t0  # every request of a static batch finishes with it
         samples += [(latency, r["max_new_tokens"]) for r in batch]
     return _summarise(samples, time.perf_counter() - t_start)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _summarise(samples: list[tuple[float, int]], wall_s: float) -> dict:
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": " ".join(["python benchmark/bench_serving_vs_hf.py"] + sys.argv[1:]),
         "git_sha": sha,
-        "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": torch.get_num_threads()},
+        "hardware": {"machine": platform.machine(), "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0))},
         "model_name": args.model,
         "seed": args.seed,
         "num_prompts": args.num_prompts,

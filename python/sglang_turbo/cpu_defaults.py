@@ -75,7 +75,7 @@ def apply_cpu_defaults(args) -> None:
     # Idle scheduler sleeps instead of polling (2% CPU instead of 100% measured).
     args.sleep_on_idle = True
     # Runs in the launcher before the scheduler process is spawned, so the scheduler inherits it.
-    env.prefer_passive_omp_wait()
+    env.bound_omp_spin()
     if not _user_set(args, "max_total_tokens") and args.model_path:
         args.max_total_tokens = default_pool_tokens(str(args.model_path), args.dtype)
     logger.info(

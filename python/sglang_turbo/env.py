@@ -5,7 +5,7 @@
 | ``SGLANG_TURBO_PLATFORM`` | ``off`` keeps the portable CPU platform from activating | on |
 | ``SGLANG_TURBO_KV_BUDGET_GB`` | memory the CPU KV pool may take when ``--max-total-tokens`` is unset | 1 |
 | ``SGLANG_TURBO_THREADS`` | torch threads of the scheduler process on CPU | cores the process may use |
-| ``OMP_WAIT_POLICY`` (OpenMP's own) | set to ``PASSIVE`` for SGLang's child processes unless already set | |
+| ``GOMP_SPINCOUNT`` (libgomp's own) | set to 5000 for SGLang's child processes unless it or ``OMP_WAIT_POLICY`` is set | |
 """
 
 from __future__ import annotations
@@ -42,11 +42,21 @@ def torch_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def prefer_passive_omp_wait() -> None:
-    """Make OpenMP threads sleep, not spin, while waiting; inherited by processes started after this.
+OMP_SPIN_COUNT = "5000"
 
-    Measured on 2 cores (2026-11-25): with another busy process, a 1x256 @ 256x768 ``F.linear``
-    on 2 OpenMP threads took 5-9 ms under libgomp's default (spinning) policy and 38 us with
-    ``PASSIVE``; the scheduler shares the cores with the tokenizer and detokenizer processes.
+
+def bound_omp_spin() -> None:
+    """Let idle OpenMP threads spin only briefly before sleeping; inherited by processes started after this.
+
+    libgomp's default spins 300,000 rounds between parallel regions, fast alone and
+    ruinous beside busy processes; ``OMP_WAIT_POLICY=PASSIVE`` is safe but slow alone.
+    A (16, 256) @ (256, 768) ``F.linear`` on 2 threads, 2 cores, measured 2026-11-25:
+
+    | wait policy         | alone  | beside two busy processes |
+    | ------------------- | ------ | ------------------------- |
+    | libgomp default     | 75 us  | 15,982 us                 |
+    | PASSIVE             | 193 us | 183 us                    |
+    | GOMP_SPINCOUNT=5000 | 63 us  | 180 us                    |
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
