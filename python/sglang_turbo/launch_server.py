@@ -31,15 +31,15 @@ def _has_flag(argv: list[str], *flags: str) -> bool:
 
 def prepare_argv(argv: list[str]) -> list[str]:
     """Step 2: argv with the default model, shipped directories and the device filled in."""
-    from sglang.srt.platforms import current_platform
-
-    from .platform import TurboCpuPlatform
+    from . import platform as turbo_platform
 
     argv = list(argv)
     if not _has_flag(argv, "--model-path", "--model"):
         argv = ["--model-path", DEFAULT_MODEL] + argv
     argv = turbo_args.resolve_model_names(argv)
-    if isinstance(current_platform, TurboCpuPlatform) and not _has_flag(argv, "--device"):
+    # Asked of activate() itself, not of SGLang's cached current_platform: the same answer, without
+    # depending on whether (and how) something in this process resolved the platform already.
+    if turbo_platform.activate() is not None and not _has_flag(argv, "--device"):
         argv += ["--device", "cpu"]
     return argv
 
