@@ -20,10 +20,9 @@ def main(argv: list[str] | None = None) -> None:
 
         serve(rest, prog="sglang-turbo serve")
     elif command == "models":
-        from turbo.zoo.presets import zoo_names, zoo_path
+        from .launch_server import print_models
 
-        for name in zoo_names():
-            print(f"{name}\t{zoo_path(name)}")
+        print_models()
     else:
         sys.exit(f"sglang-turbo: unknown command {command!r}; expected 'serve' or 'models' (see --help)")
 

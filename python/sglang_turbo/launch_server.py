@@ -29,6 +29,12 @@ def _has_flag(argv: list[str], *flags: str) -> bool:
     return any(a.split("=", 1)[0] in flags for a in argv)
 
 
+def print_models() -> None:
+    """One line per embedded model shipped in this checkout: NAME<tab>DIRECTORY."""
+    for name in zoo_names():
+        print(f"{name}\t{zoo_path(name)}")
+
+
 def prepare_argv(argv: list[str]) -> list[str]:
     """Step 2: argv with the default model, shipped directories and the device filled in."""
     from . import platform as turbo_platform
@@ -82,8 +88,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sglang_turbo.laun
 
     # Step 2 before parsing, so that a misspelled flag, not a missing --model-path, is what argparse reports.
     if _has_flag(argv, "--turbo-list-models"):
-        for name in zoo_names():
-            print(f"{name}\t{zoo_path(name)}")
+        print_models()
         return
     if not _has_flag(argv, "-h", "--help"):  # help needs no model on disk
         try:

@@ -78,8 +78,11 @@ def test_an_unknown_console_script_command_is_an_error_naming_it():
 # --- embedded models ---------------------------------------------------------------------------
 
 
-def test_list_models_prints_the_default_model_and_its_directory():
-    proc = run(LAUNCHER + ["--turbo-list-models"])
+@pytest.mark.parametrize("cmd", [
+    LAUNCHER + ["--turbo-list-models"], [sys.executable, "-m", "sglang_turbo.cli", "models"],
+], ids=["launcher-flag", "console-script"])
+def test_list_models_prints_the_default_model_and_its_directory(cmd):
+    proc = run(cmd)
     rows = dict(line.split("\t") for line in proc.stdout.splitlines() if "\t" in line)
     assert proc.returncode == 0 and rows.get(DEFAULT_MODEL) == str(zoo_path(DEFAULT_MODEL)), \
         f"{proc.returncode=} {rows=} {proc.stderr[-1000:]=}"
