@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from turbo.attention.paged import PagedBatch, paged_attention, paged_attention_ref
+from turbo.attention.paged import GatherWorkspace, PagedBatch, paged_attention, paged_attention_ref
 
 N_SLOTS, MAX_CTX, N_POOL_ROWS = 600, 80, 10
 
@@ -76,3 +76,25 @@ def test_padding_slots_never_leak_into_the_output():
     batch2 = PagedBatch.build(poisoned_r2t, torch.tensor(pool), q_lens, kv_lens, 2)
     after = paged_attention(q, kc2, vc2, batch2, 0.25)
     assert torch.equal(before, after), f"max diff {(before - after).abs().max()}"
+
+
+def test_one_workspace_shared_by_batches_of_every_size_matches_the_reference():
+    """The gather buffers grow and shrink in use across forwards (decode and extend, big and small)."""
+    workspace = GatherWorkspace()
+    for seed in range(8):
+        q_lens_fn = (lambda rng, n: 1) if seed % 2 else (lambda rng, n: rng.randint(1, n))
+        q, kc, vc, r2t, pool, q_lens, kv_lens = _case(100 + seed, 4, 2, 16, q_lens_fn)
+        batch = PagedBatch.build(r2t, torch.tensor(pool), q_lens, kv_lens, 2)
+        out = paged_attention(q, kc, vc, batch, 0.25, workspace)
+        ref = paged_attention_ref(q, kc, vc, r2t, pool, q_lens, kv_lens, 0.25)
+        err = (out - ref).abs().max().item()
+        assert err < 1e-5, f"{seed=}: max abs error {err} for {q_lens=} {kv_lens=}"
+
+
+def test_workspace_keeps_its_buffers_when_a_batch_fits():
+    workspace = GatherWorkspace()
+    kc, vc = torch.randn(50, 2, 8), torch.randn(50, 2, 8)
+    workspace.gather(kc, vc, torch.arange(40))
+    first = workspace._k.data_ptr()
+    k, _ = workspace.gather(kc, vc, torch.tensor([3, 1, 4]))
+    assert workspace._k.data_ptr() == first and torch.equal(k, kc[[3, 1, 4]])

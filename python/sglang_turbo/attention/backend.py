@@ -15,7 +15,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from turbo.attention.paged import PagedBatch, paged_attention
+from turbo.attention.paged import GatherWorkspace, PagedBatch, paged_attention
 
 from . import BACKEND_NAME
 
@@ -35,6 +35,7 @@ class TurboNativeAttnBackend(AttentionBackend):
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self._layout: tuple[list[int], list[int], torch.Tensor] | None = None
         self._batches: dict[tuple[int, bool], PagedBatch] = {}
+        self._workspace = GatherWorkspace()  # this runner's gathered K/V, reused by every layer
 
     # ------------------------------------------------------------------ per forward
     def init_forward_metadata(self, forward_batch: ForwardBatch):
@@ -78,6 +79,7 @@ class TurboNativeAttnBackend(AttentionBackend):
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
             batch,
             layer.scaling,
+            self._workspace,
         )
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
