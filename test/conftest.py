@@ -60,6 +60,14 @@ def model_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(model_path):
+    """The served model's tokenizer, as transformers loads it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="session")
 def turbo_server_factory(model_path, tmp_path_factory):
     """``with turbo_server_factory([...flags]) as handle:`` starts a server and always kills it."""
 

@@ -19,6 +19,11 @@ def server_info(url: str) -> dict:
     return r.json()
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The launcher and every process it started (scheduler, detokenizer, ...)."""
+    return [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+
+
 @pytest.fixture(scope="module")
 def info(server) -> dict:
     return server_info(server)
@@ -69,7 +74,7 @@ def test_idle_server_uses_little_cpu(server_handle, server):
     """Upstream's scheduler busy-polls (100% of a core); with sleep_on_idle it must idle near 0."""
     requests.post(f"{server}/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1}}, timeout=60)
     time.sleep(2)  # let the request's tail (detokenizer, logging) finish
-    procs = [psutil.Process(server_handle.proc.pid)] + psutil.Process(server_handle.proc.pid).children(recursive=True)
+    procs = process_tree(server_handle.proc.pid)
 
     def cpu_seconds() -> float:
         total = 0.0
@@ -93,7 +98,7 @@ def test_a_server_takes_under_a_quarter_of_a_24_gb_machine(server_handle):
 
     Measured 2026-11-25 for turbo-tiny: 3.7 GiB PSS in all (scheduler 2.0, launcher 0.85, detokenizer 0.84).
     """
-    procs = [psutil.Process(server_handle.proc.pid)] + psutil.Process(server_handle.proc.pid).children(recursive=True)
+    procs = process_tree(server_handle.proc.pid)
     pss = {f"{p.pid}:{p.name()}": p.memory_full_info().pss / 2**30 for p in procs}
     assert sum(pss.values()) < 6.0, f"server tree PSS {sum(pss.values()):.2f} GiB: {pss}"
 

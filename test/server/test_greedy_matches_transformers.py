@@ -26,13 +26,6 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
-
-
-@pytest.fixture(scope="module")
 def prompt_ids(tokenizer) -> dict[str, list[int]]:
     ids = {name: tokenizer(text).input_ids for name, text in PROMPTS.items()}
     empty = [name for name, i in ids.items() if not i]

@@ -50,13 +50,13 @@ def test_shipped_model_predicts_held_out_code_not_noise(name):
     from transformers import AutoModelForCausalLM
 
     from turbo.zoo.corpus import code_documents
-    from turbo.zoo.train import _encode_stream
+    from turbo.zoo.train import encode_stream
 
     path = zoo_path(name)
     cfg = PRESETS[name]
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    stream = _encode_stream(tok, list(code_documents("heldout", cfg.held_out_fraction)))
+    stream = encode_stream(tok, list(code_documents("heldout", cfg.held_out_fraction)))
     n, width = 4, cfg.seq_len
     rows = torch.stack([stream[i * width : (i + 1) * width + 1] for i in range(n)])
     with torch.no_grad():

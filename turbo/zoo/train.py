@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 _RECORD_SEED_HELD_OUT = 10_000_019  # a different stream from training's records
 
 
-def _encode_stream(tok, docs: list[Document]) -> torch.Tensor:
+def encode_stream(tok, docs: list[Document]) -> torch.Tensor:
+    """Documents packed into one token stream: <|bos|> doc <|eos|> <|bos|> doc <|eos|> ..."""
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     ids: list[int] = []
     for enc in tok.encode_batch([d.text for d in docs], add_special_tokens=False):
@@ -52,7 +53,7 @@ def build_streams(cfg: TinyLlamaConfig, out_dir: Path):
     records_train = list(record_documents(cfg.seed, _n_records(cfg, code_train)))
     tok = train_tokenizer((d.text for d in code_train + records_train), cfg.vocab_size)
     save_tokenizer(tok, out_dir, cfg.max_position_embeddings)
-    train = _encode_stream(tok, code_train + records_train)
+    train = encode_stream(tok, code_train + records_train)
     heldout = heldout_streams(cfg, tok, _n_records(cfg, code_train))
     logger.info("train tokens %d, held-out tokens %s", train.numel(), {k: v.numel() for k, v in heldout.items()})
     return tok, train, heldout
@@ -68,7 +69,7 @@ def heldout_streams(cfg: TinyLlamaConfig, tok, n_train_records: int) -> dict[str
     """Token streams never trained on: held-out stdlib files, and records from another seed."""
     code = list(code_documents("heldout", cfg.held_out_fraction))
     records = list(record_documents(_RECORD_SEED_HELD_OUT + cfg.seed, max(50, n_train_records // 30)))
-    return {"code": _encode_stream(tok, code), "records": _encode_stream(tok, records)}
+    return {"code": encode_stream(tok, code), "records": encode_stream(tok, records)}
 
 
 def evaluate(cfg: TinyLlamaConfig, model_dir: Path) -> dict[str, float]:
