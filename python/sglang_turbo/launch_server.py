@@ -7,7 +7,10 @@ What this adds, in order:
    ``--model-path`` means the default embedded model. On the portable CPU
    platform, ``--device cpu`` is supplied when not given.
 3. Turbo flags (``--turbo-*``) are parsed and split off; bad flags exit with argparse's error.
-4. Upstream's ``prepare_server_args`` and ``run_server`` take over.
+4. Upstream's ``prepare_server_args`` resolves the flags; speculative flags that cannot work
+   (no draft model, a draft of another vocabulary, an impossible tree shape) exit here with a
+   usage error (``speculative/checks.py``).
+5. Upstream's ``run_server`` takes over.
 """
 
 from __future__ import annotations
@@ -101,10 +104,21 @@ def main(argv: list[str] | None = None, prog: str = "python -m sglang_turbo.laun
         os.environ["SGLANG_TURBO_KV_BUDGET_GB"] = str(cfg.kv_budget_gb)  # read by env.py in every process
 
     from sglang.launch_server import run_server
+    from sglang.srt.arg_groups.overrides import resolving_view
+
+    from .speculative.checks import check_draft_model_args, check_speculative_args
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
     server_args = prepare_server_args(upstream_argv)  # step 4
+    try:
+        # Upstream's run_server resolves too (once); doing it here turns a bad combination into a usage
+        # error in this process instead of a traceback from a scheduler child.
+        check_draft_model_args(server_args)
+        server_args.resolve_once()
+        check_speculative_args(resolving_view(server_args))
+    except ValueError as e:
+        parser.error(str(e))
     model = str(server_args.model_path)
     threading.Thread(
         target=_print_usage_when_ready,

@@ -86,6 +86,24 @@ class TurboCpuPlatform(CpuDeviceMixin, SRTPlatform):
     def get_default_speculative_draft_attention_backend(self, algorithm: str) -> str:
         return self.get_default_attention_backend()
 
+    # ------------------------------------------------------------------ speculative decoding
+    def supports_speculative_algorithm(self, algorithm: str) -> bool:
+        from .speculative import SUPPORTED_ALGORITHMS
+
+        return algorithm.upper() in SUPPORTED_ALGORITHMS
+
+    def get_kv_pool_cls(self, *, kind):
+        if kind != "mha":
+            return None
+        from .speculative.kv_pool import TurboMHATokenToKVPool
+
+        return TurboMHATokenToKVPool  # upstream's pool minus the Triton KV copy speculation sets up
+
+    def get_speculative_cache_locs_fn(self):
+        from turbo.spec.cache_ops import assign_extend_cache_locs
+
+        return assign_extend_cache_locs
+
     def apply_server_args_defaults(self, server_args) -> None:
         apply_cpu_defaults(server_args)
 

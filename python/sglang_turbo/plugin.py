@@ -9,9 +9,20 @@ from __future__ import annotations
 import functools
 
 
+def portable_platform_active() -> bool:
+    """True in processes where SGLang runs on our TurboCpuPlatform (not CUDA, not upstream's CPU engine)."""
+    from sglang.srt.platforms import current_platform
+
+    from .platform import TurboCpuPlatform
+
+    return isinstance(current_platform, TurboCpuPlatform)
+
+
 @functools.cache  # SGLang calls this in every process; a second call is a no-op
 def register() -> None:
-    from . import attention, validation
+    from . import attention, speculative, validation
 
     attention.register()  # --attention-backend turbo_native
     validation.register()  # request checks upstream lacks
+    if portable_platform_active():
+        speculative.register()  # draft backends and torch kernels for the speculative workers

@@ -98,3 +98,64 @@ def test_workspace_keeps_its_buffers_when_a_batch_fits():
     first = workspace._k.data_ptr()
     k, _ = workspace.gather(kc, vc, torch.tensor([3, 1, 4]))
     assert workspace._k.data_ptr() == first and torch.equal(k, kc[[3, 1, 4]])
+
+
+def _random_tree_masks(rng: random.Random, q_lens: list[int]) -> list[torch.Tensor]:
+    """Ancestor-or-self matrices of random trees: node 0 is the root, node i's parent is any j < i."""
+    masks = []
+    for n in q_lens:
+        m = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            parent = rng.randrange(i) if i else None
+            m[i, i] = True
+            if parent is not None:
+                m[i] |= m[parent]
+        masks.append(m)
+    return masks
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tree_verify_sees_prefix_and_only_its_ancestors(seed):
+    """Verifying a draft tree: each new token attends to the whole cached prefix plus its tree ancestors."""
+    rng = random.Random(100 + seed)
+    q, kc, vc, r2t, pool, q_lens, kv_lens = _case(seed, 4, 2, 16, lambda rng, n: min(n, rng.randint(1, 8)))
+    masks = _random_tree_masks(rng, q_lens)
+    block = torch.zeros(len(q_lens), max(q_lens), max(q_lens), dtype=torch.bool)
+    for i, m in enumerate(masks):
+        block[i, : m.shape[0], : m.shape[1]] = m
+    batch = PagedBatch.build(r2t, torch.tensor(pool), q_lens, kv_lens, 2, block_mask=block)
+    out = paged_attention(q, kc, vc, batch, 0.25)
+    ref = paged_attention_ref(q, kc, vc, r2t, pool, q_lens, kv_lens, 0.25, block_masks=masks)
+    err = (out - ref).abs().max().item()
+    assert err < 1e-5, f"max abs error {err} for {q_lens=} {kv_lens=}"
+
+
+def test_chain_shaped_tree_mask_equals_causal():
+    """A lower-triangular block mask is a chain: the same as plain causal attention."""
+    q, kc, vc, r2t, pool, q_lens, kv_lens = _case(11, 4, 2, 16, lambda rng, n: min(n, 5))
+    block = torch.ones(len(q_lens), 5, 5, dtype=torch.bool).tril()
+    tree = paged_attention(q, kc, vc, PagedBatch.build(r2t, torch.tensor(pool), q_lens, kv_lens, 2, block_mask=block), 0.25)
+    causal = paged_attention(q, kc, vc, PagedBatch.build(r2t, torch.tensor(pool), q_lens, kv_lens, 2), 0.25)
+    assert torch.allclose(tree, causal, atol=1e-6), f"max diff {(tree - causal).abs().max()}"
+
+
+def test_from_slots_reads_exactly_the_given_slots():
+    """A slot table that is not a req_to_token row (draft steps) gives the reference's answer for those slots."""
+    q, kc, vc, r2t, pool, q_lens, kv_lens = _case(5, 4, 2, 16, lambda rng, n: 1)
+    slots = r2t[torch.tensor(pool)].long()
+    out = paged_attention(q, kc, vc, PagedBatch.from_slots(slots, q_lens, kv_lens, 2), 0.25)
+    ref = paged_attention_ref(q, kc, vc, r2t, pool, q_lens, kv_lens, 0.25)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_full_layout_tree_mask_yields_each_requests_new_token_block():
+    """The flat (n, prefix + n)-per-request mask SGLang writes is cut into per-request (n, n) blocks."""
+    from turbo.attention.paged import block_mask_from_full_layout
+
+    prefix_lens, n = [3, 1, 5], 4
+    blocks = [torch.rand(n, n) > 0.5 for _ in prefix_lens]
+    flat = torch.cat([torch.cat([torch.ones(n, p, dtype=torch.bool), b], 1).flatten() for p, b in zip(prefix_lens, blocks)])
+    got = block_mask_from_full_layout(flat, prefix_lens, n)
+    assert torch.equal(got, torch.stack(blocks))
+    with pytest.raises(ValueError, match="cells"):
+        block_mask_from_full_layout(flat[:-1], prefix_lens, n)

@@ -18,7 +18,11 @@ page faults cost more than the copy. Gathering 11,152 scattered slots of
 (2, 64) float32, 2 threads (2026-11-25): 2,640 us into a new tensor, 306 us into
 a reused one (3D ``index_select`` into a new tensor is also 4x slower than 2D).
 
-Decode is the special case of one query token per request.
+Decode is the special case of one query token per request. Speculative
+decoding adds two shapes: verifying a draft *tree* (``block_mask``: each new
+token sees the cached prefix and only its own ancestors among the new tokens)
+and draft steps whose rows read slots that are not one ``req_to_token`` row
+(``PagedBatch.from_slots``).
 """
 
 from __future__ import annotations
@@ -67,12 +71,33 @@ class PagedBatch:
         kv_lens: list[int],
         group: int,
         causal: bool = True,
+        block_mask: torch.Tensor | None = None,
     ) -> "PagedBatch":
         """``q_lens[i]`` new tokens of request i attend to its first ``kv_lens[i]`` cached tokens
-        (the new ones are the last ``q_lens[i]`` of those)."""
-        device = req_to_token.device
+        (the new ones are the last ``q_lens[i]`` of those), read from its row of ``req_to_token``."""
+        kv_slots = req_to_token[req_pool_indices, : max(kv_lens)].to(torch.long)
+        return cls.from_slots(kv_slots, q_lens, kv_lens, group, causal, block_mask)
+
+    @classmethod
+    def from_slots(
+        cls,
+        kv_slots: torch.Tensor,
+        q_lens: list[int],
+        kv_lens: list[int],
+        group: int,
+        causal: bool = True,
+        block_mask: torch.Tensor | None = None,
+    ) -> "PagedBatch":
+        """Like :meth:`build`, with each request's slots given directly: ``kv_slots[i, :kv_lens[i]]``.
+
+        block_mask: optional (bsz, max_q, max_q) bool. Speculative verification of a draft tree:
+                    query ``a`` of request i sees the whole cached prefix but, among the request's own
+                    new tokens, only those ``b`` with ``block_mask[i, a, b]`` (its tree ancestors and
+                    itself). Replaces causality inside the new block; needs ``causal``.
+        """
+        device = kv_slots.device
         bsz, max_q, max_kv = len(q_lens), max(q_lens), max(kv_lens)
-        kv_slots = req_to_token[req_pool_indices, :max_kv].to(torch.long)  # (bsz, max_kv)
+        kv_slots = kv_slots[:, :max_kv]
         q_len_t = torch.tensor(q_lens, device=device)
         kv_len_t = torch.tensor(kv_lens, device=device)
         kv_pos = torch.arange(max_kv, device=device)  # (max_kv,)
@@ -80,9 +105,17 @@ class PagedBatch:
         in_kv = kv_pos[None, :] < kv_len_t[:, None]  # (bsz, max_kv)
         kv_slots = torch.where(in_kv, kv_slots, torch.zeros_like(kv_slots))
         mask = in_kv[:, None, :].expand(bsz, max_q, max_kv)  # (bsz, max_q, max_kv)
-        if causal:
+        if causal and block_mask is None:
             q_pos = (kv_len_t - q_len_t)[:, None] + q_idx[None, :]  # (bsz, max_q) absolute positions
             mask = mask & (kv_pos[None, None, :] <= q_pos[:, :, None])
+        elif causal:
+            # Column of each key inside its request's new block (negative: cached prefix).
+            rel = kv_pos[None, :] - (kv_len_t - q_len_t)[:, None]  # (bsz, max_kv)
+            block_cols = rel.clamp(0, max_q - 1)[:, None, :].expand(bsz, max_q, max_kv)
+            in_tree = torch.gather(block_mask[:, :max_q, :max_q].to(torch.bool), 2, block_cols)
+            mask = mask & ((rel < 0)[:, None, :] | in_tree)
+        elif block_mask is not None:
+            raise ValueError("block_mask refines causal attention; it cannot be combined with causal=False")
         # Padded query rows attend to key 0 so their softmax stays finite; their output is dropped.
         q_pad = q_idx[None, :] >= q_len_t[:, None]  # (bsz, max_q)
         mask = mask | (q_pad[:, :, None] & (kv_pos == 0)[None, None, :])
@@ -91,6 +124,26 @@ class PagedBatch:
         if max_q > 1 or min(q_lens) != 1:
             q_dest = torch.cat([torch.arange(n, device=device) + i * max_q for i, n in enumerate(q_lens)])
         return cls(kv_slots=kv_slots, mask=mask, q_dest=q_dest, bsz=bsz, max_q=max_q, group=group)
+
+
+def block_mask_from_full_layout(flat: torch.Tensor, prefix_lens: list[int], n_new: int) -> torch.Tensor:
+    """The (bsz, n_new, n_new) new-token block of a flat "full" tree mask.
+
+    The full layout (what SGLang's tree builders write by default) stores, request after
+    request, a row-major (n_new, prefix_len + n_new) visibility matrix. Its prefix columns
+    are all True, so the block of the last ``n_new`` columns is all that varies.
+    """
+    device = flat.device
+    prefix = torch.tensor(prefix_lens, device=device)
+    row_len = prefix + n_new  # (bsz,)
+    starts = torch.cumsum(n_new * row_len, 0) - n_new * row_len  # (bsz,) first cell of each request
+    rows = torch.arange(n_new, device=device)
+    cols = torch.arange(n_new, device=device)
+    idx = starts[:, None, None] + rows[None, :, None] * row_len[:, None, None] + (prefix[:, None, None] + cols)
+    needed = int(starts[-1] + n_new * row_len[-1]) if prefix_lens else 0
+    if flat.numel() < needed:
+        raise ValueError(f"tree mask has {flat.numel()} cells, the full layout of {prefix_lens=} needs {needed}")
+    return flat[idx].to(torch.bool)
 
 
 class GatherWorkspace:
@@ -170,21 +223,29 @@ def paged_attention_ref(
     kv_lens: list[int],
     scale: float,
     causal: bool = True,
+    block_masks: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Brute-force reference: one request and one head at a time, softmax written out."""
+    """Brute-force reference: one request and one head at a time, softmax written out.
+
+    block_masks[r]: (q_lens[r], q_lens[r]) bool; query a sees new token b iff block_masks[r][a, b]."""
     n_heads, n_kv_heads = q.shape[1], k_cache.shape[1]
     group = n_heads // n_kv_heads
     out = q.new_empty(q.shape[0], n_heads, v_cache.shape[2])
     start = 0
-    for pool_idx, n_q, n_kv in zip(req_pool_indices, q_lens, kv_lens):
+    for r, (pool_idx, n_q, n_kv) in enumerate(zip(req_pool_indices, q_lens, kv_lens)):
         slots = req_to_token[pool_idx, :n_kv].long()
         for h in range(n_heads):
             k = k_cache[slots, h // group].float()  # (n_kv, head_dim)
             v = v_cache[slots, h // group].float()
             for i in range(n_q):
-                pos = n_kv - n_q + i
-                visible = pos + 1 if causal else n_kv
-                scores = (k[:visible] @ q[start + i, h].float()) * scale
-                out[start + i, h] = (torch.softmax(scores, dim=0) @ v[:visible]).to(out.dtype)
+                prefix = n_kv - n_q
+                if not causal:
+                    keys = list(range(n_kv))
+                elif block_masks is None:
+                    keys = list(range(prefix + i + 1))
+                else:
+                    keys = list(range(prefix)) + [prefix + b for b in range(n_q) if block_masks[r][i, b]]
+                scores = (k[keys] @ q[start + i, h].float()) * scale
+                out[start + i, h] = (torch.softmax(scores, dim=0) @ v[keys]).to(out.dtype)
         start += n_q
     return out

@@ -8,6 +8,7 @@ forward and calls :func:`turbo.attention.paged.paged_attention` per layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,7 +16,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from turbo.attention.paged import GatherWorkspace, PagedBatch, paged_attention
+from turbo.attention.paged import GatherWorkspace, PagedBatch, block_mask_from_full_layout, paged_attention
 
 from . import BACKEND_NAME
 
@@ -25,40 +26,72 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
 
 
+@dataclass
+class BatchLayout:
+    """What one forward's attention needs besides the layers' tensors (see PagedBatch)."""
+
+    q_lens: list[int]
+    kv_lens: list[int]
+    kv_slots: torch.Tensor  # (bsz, >= max(kv_lens)) pool slots of each row's keys
+    block_mask: torch.Tensor | None = None  # (bsz, q, q) draft-tree visibility, verify only
+
+
 class TurboNativeAttnBackend(AttentionBackend):
-    """Batched torch-native attention for extend (prefill) and decode."""
+    """Batched torch-native attention for every forward mode SGLang's workers use.
+
+    extend / decode (plain serving), and for speculative decoding: TARGET_VERIFY (the draft
+    tokens over the committed prefix, with the draft tree's mask), DRAFT_EXTEND_V2 (the draft
+    model re-reading the accepted window). Multi-step draft decoding is
+    :class:`TurboNativeMultiStepDraftBackend`, one of these per step.
+    """
 
     def __init__(self, model_runner: ModelRunner):
         super().__init__()
         self.device = model_runner.device
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
-        self._layout: tuple[list[int], list[int], torch.Tensor] | None = None
+        # Read by EAGLE's tree build to size a full-layout mask when it has no seq_lens_sum.
+        self.max_context_len = model_runner.model_config.context_len
+        self._layout: BatchLayout | None = None
         self._batches: dict[tuple[int, bool], PagedBatch] = {}
         self._workspace = GatherWorkspace()  # this runner's gathered K/V, reused by every layer
 
     # ------------------------------------------------------------------ per forward
     def init_forward_metadata(self, forward_batch: ForwardBatch):
         mode = forward_batch.forward_mode
-        kv_lens = forward_batch.seq_lens_cpu.tolist()
+        if mode.is_idle():
+            self.set_layout(None)
+            return
+        prefix_lens = _cpu_list(forward_batch.seq_lens_cpu, forward_batch.seq_lens)
+        block_mask = None
         if mode.is_decode():
-            q_lens = [1] * len(kv_lens)
-        elif mode.is_extend():
-            q_lens = list(forward_batch.extend_seq_lens_cpu)
+            q_lens, kv_lens = [1] * len(prefix_lens), prefix_lens
+        elif mode.is_target_verify():
+            spec = forward_batch.spec_info
+            n_draft = spec.draft_token_num
+            q_lens, kv_lens = [n_draft] * len(prefix_lens), [n + n_draft for n in prefix_lens]
+            # A chain (tree_topk == 1) is exactly causal; trees (EAGLE topk > 1, NGRAM -1) need their mask.
+            if getattr(spec, "tree_topk", -1) != 1 and spec.custom_mask is not None:
+                block_mask = block_mask_from_full_layout(spec.custom_mask, prefix_lens, n_draft)
+        elif mode.is_extend(include_draft_extend_v2=True):
+            # forward_batch.seq_lens already counts the new tokens (DRAFT_EXTEND_V2 included).
+            q_lens = _cpu_list(forward_batch.extend_seq_lens_cpu, forward_batch.extend_seq_lens)
+            kv_lens = prefix_lens
         else:
-            raise NotImplementedError(
-                f"{BACKEND_NAME} does not serve forward mode {mode.name} yet; "
-                "use --attention-backend torch_native for it"
-            )
-        self._layout = (q_lens, kv_lens, forward_batch.req_pool_indices)
+            raise NotImplementedError(f"{BACKEND_NAME} does not serve forward mode {mode.name}")
+        kv_slots = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, : max(kv_lens)]
+        self.set_layout(BatchLayout(q_lens, kv_lens, kv_slots.to(torch.long), block_mask))
+
+    def set_layout(self, layout: BatchLayout | None) -> None:
+        self._layout = layout
         self._batches.clear()  # built lazily per (group, causal), shared by all layers
 
     def _paged_batch(self, group: int, causal: bool) -> PagedBatch:
         key = (group, causal)
         if key not in self._batches:
-            q_lens, kv_lens, pool_indices = self._layout
-            self._batches[key] = PagedBatch.build(
-                self.req_to_token_pool.req_to_token, pool_indices, q_lens, kv_lens, group, causal
+            lay = self._layout
+            self._batches[key] = PagedBatch.from_slots(
+                lay.kv_slots, lay.q_lens, lay.kv_lens, group, causal, lay.block_mask if causal else None
             )
         return self._batches[key]
 
@@ -91,3 +124,41 @@ class TurboNativeAttnBackend(AttentionBackend):
 
     def support_triton(self):
         return False
+
+
+def _cpu_list(cpu_values, values) -> list[int]:
+    """A batch field as a Python list, from its CPU mirror when SGLang filled one."""
+    if cpu_values is not None:
+        return cpu_values.tolist() if isinstance(cpu_values, torch.Tensor) else list(cpu_values)
+    return values.tolist()
+
+
+class TurboNativeMultiStepDraftBackend:
+    """Attention for EAGLE-style multi-step drafting: one backend per draft step after the first.
+
+    The draft batch holds ``bsz * topk`` rows (request b, branch k). At step i a row attends to
+    its request's committed prefix and then to the i + 1 tokens its branch has drafted so far,
+    whose slots SGLang laid out in ``out_cache_loc`` as (bsz, topk, num_steps). Like upstream's
+    draft backends, a branch reads its own column, not its tree ancestors: the draft is a guess,
+    and verification applies the exact tree.
+    """
+
+    def __init__(self, model_runner: ModelRunner, topk: int, speculative_num_steps: int):
+        self.topk = topk
+        self.speculative_num_steps = speculative_num_steps
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.attn_backends = [TurboNativeAttnBackend(model_runner) for _ in range(speculative_num_steps - 1)]
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        bsz, topk, steps = forward_batch.batch_size, self.topk, self.speculative_num_steps
+        prefix = torch.tensor(_cpu_list(forward_batch.seq_lens_cpu, forward_batch.seq_lens)).repeat_interleave(topk)
+        pool_rows = forward_batch.req_pool_indices.repeat_interleave(topk)
+        branch_slots = forward_batch.out_cache_loc.view(bsz, topk, steps).reshape(bsz * topk, steps).to(torch.long)
+        max_prefix = int(prefix.max())
+        for i, backend in enumerate(self.attn_backends):
+            width = max_prefix + i + 1
+            kv_slots = self.req_to_token[pool_rows, :width].to(torch.long)  # a copy: safe to overwrite
+            cols = prefix[:, None] + torch.arange(i + 1)  # (rows, i + 1) where the drafted tokens go
+            kv_slots.scatter_(1, cols, branch_slots[:, : i + 1])
+            kv_lens = (prefix + i + 1).tolist()
+            backend.set_layout(BatchLayout([1] * len(kv_lens), kv_lens, kv_slots))

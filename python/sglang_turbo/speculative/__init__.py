@@ -1,0 +1,35 @@
+"""SGLang wiring of speculative decoding on the portable platform (map: docs/speculative.md).
+
+Upstream's EAGLE / EAGLE3 / STANDALONE / NGRAM workers run unchanged; what is swapped is
+what cannot run without CUDA or Triton: the draft attention backends, the KV pool's copy,
+and the tree / verify / cache-location kernels (plain PyTorch from ``turbo.spec``).
+"""
+
+from __future__ import annotations
+
+# Algorithms the portable platform serves (SRTPlatform.supports_speculative_algorithm).
+SUPPORTED_ALGORITHMS = frozenset({"EAGLE", "EAGLE3", "STANDALONE", "NGRAM"})
+
+# SEAM: upstream wraps the per-step top-k of tree drafting in torch.compile (Inductor). On a CPU
+# that means a C++ build at the first request (over a minute on 2 cores, and a compiler to
+# install) for ~10 tensor ops; we run upstream's own function eagerly instead.
+TOPK_TARGET = "sglang.srt.speculative.spec_utils._select_top_k_tokens_later"
+
+
+def _eager(compiled):
+    return getattr(compiled, "_torchdynamo_orig_callable", compiled)
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.speculative import spec_utils
+
+    from . import draft_backends
+
+    draft_backends.register()
+    HookRegistry.register(TOPK_TARGET, _eager(spec_utils._select_top_k_tokens_later), HookType.REPLACE)
+    try:
+        from . import kernels
+    except ImportError:  # TEMP while kernels.py is being written
+        return
+    kernels.install_kernel_fallbacks()
