@@ -24,12 +24,8 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.speculative import spec_utils
 
-    from . import draft_backends
+    from . import draft_backends, kernels
 
     draft_backends.register()
-    HookRegistry.register(TOPK_TARGET, _eager(spec_utils._select_top_k_tokens_later), HookType.REPLACE)
-    try:
-        from . import kernels
-    except ImportError:  # TEMP while kernels.py is being written
-        return
     kernels.install_kernel_fallbacks()
+    HookRegistry.register(TOPK_TARGET, _eager(spec_utils._select_top_k_tokens_later), HookType.REPLACE)
