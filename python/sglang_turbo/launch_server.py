@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from turbo.zoo.presets import DEFAULT_MODEL, zoo_names, zoo_path
+from turbo.zoo.presets import DEFAULT_MODEL, zoo_names, zoo_path, zoo_role
 
 from . import args as turbo_args
 
@@ -33,9 +33,9 @@ def _has_flag(argv: list[str], *flags: str) -> bool:
 
 
 def print_models() -> None:
-    """One line per embedded model shipped in this checkout: NAME<tab>DIRECTORY."""
+    """One line per embedded model or draft head shipped in this checkout: NAME<tab>DIRECTORY<tab>ROLE."""
     for name in zoo_names():
-        print(f"{name}\t{zoo_path(name)}")
+        print(f"{name}\t{zoo_path(name)}\t{zoo_role(name)}")
 
 
 def prepare_argv(argv: list[str]) -> list[str]:

@@ -83,9 +83,11 @@ def test_an_unknown_console_script_command_is_an_error_naming_it():
 ], ids=["launcher-flag", "console-script"])
 def test_list_models_prints_the_default_model_and_its_directory(cmd):
     proc = run(cmd)
-    rows = dict(line.split("\t") for line in proc.stdout.splitlines() if "\t" in line)
-    assert proc.returncode == 0 and rows.get(DEFAULT_MODEL) == str(zoo_path(DEFAULT_MODEL)), \
+    rows = {line.split("\t")[0]: line.split("\t")[1:] for line in proc.stdout.splitlines() if "\t" in line}
+    assert proc.returncode == 0 and rows.get(DEFAULT_MODEL) == [str(zoo_path(DEFAULT_MODEL)), "model"], \
         f"{proc.returncode=} {rows=} {proc.stderr[-1000:]=}"
+    assert rows.get("turbo-tiny-eagle3", [None, None])[1] == "EAGLE3 head of turbo-tiny", rows
+    assert rows.get("turbo-tiny-draft", [None, None])[1] == "draft model of turbo-tiny", rows
 
 
 @pytest.mark.parametrize("argv", [

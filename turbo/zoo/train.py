@@ -47,14 +47,24 @@ def encode_stream(tok, docs: list[Document]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def build_streams(cfg: TinyLlamaConfig, out_dir: Path):
-    """Steps 1-3: returns (tokenizer, train stream, {domain: held-out stream})."""
+def training_documents(cfg: TinyLlamaConfig) -> list[Document]:
+    """Step 1: the training split, stdlib code files then the generated records."""
     code_train = list(code_documents("train", cfg.held_out_fraction))
-    records_train = list(record_documents(cfg.seed, _n_records(cfg, code_train)))
-    tok = train_tokenizer((d.text for d in code_train + records_train), cfg.vocab_size)
-    save_tokenizer(tok, out_dir, cfg.max_position_embeddings)
-    train = encode_stream(tok, code_train + records_train)
-    heldout = heldout_streams(cfg, tok, _n_records(cfg, code_train))
+    return code_train + list(record_documents(cfg.seed, _n_records(cfg, code_train)))
+
+
+def build_streams(cfg: TinyLlamaConfig, out_dir: Path, tok=None):
+    """Steps 1-3: returns (tokenizer, train stream, {domain: held-out stream}).
+
+    ``tok`` None trains a new tokenizer on the training split and saves it into ``out_dir``;
+    a given tokenizer (a distilled student reuses its teacher's) only encodes, nothing is written.
+    """
+    docs = training_documents(cfg)
+    if tok is None:
+        tok = train_tokenizer((d.text for d in docs), cfg.vocab_size)
+        save_tokenizer(tok, out_dir, cfg.max_position_embeddings)
+    train = encode_stream(tok, docs)
+    heldout = heldout_streams(cfg, tok, sum(d.domain == "records" for d in docs))
     logger.info("train tokens %d, held-out tokens %s", train.numel(), {k: v.numel() for k, v in heldout.items()})
     return tok, train, heldout
 
@@ -105,11 +115,28 @@ def create_model(cfg: TinyLlamaConfig, tok):
     return LlamaForCausalLM(config)
 
 
-def _lr_at(cfg: TinyLlamaConfig, step: int) -> float:
+def lr_at(cfg: TinyLlamaConfig, step: int) -> float:
+    """Linear warm-up to ``cfg.lr``, then cosine decay to a tenth of it at ``cfg.steps``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def create_optimizer(cfg: TinyLlamaConfig, model) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.95), weight decay on matrices only."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+
+
+def sample_windows(cfg: TinyLlamaConfig, stream: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``cfg.batch_size`` seeded random windows of ``cfg.seq_len + 1`` tokens: (bsz, seqlen+1)."""
+    starts = torch.randint(0, stream.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
+    return torch.stack([stream[s : s + cfg.seq_len + 1] for s in starts.tolist()])
 
 
 @torch.no_grad()
@@ -143,21 +170,15 @@ def train(cfg: TinyLlamaConfig, out_dir: Path, threads: int | None = None) -> di
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("%s: %.2fM parameters", cfg.name, n_params / 1e6)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
-    )
+    opt = create_optimizer(cfg, model)
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     model.train()
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}", unit="step")
     for step in bar:
-        starts = torch.randint(0, stream.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
-        rows = torch.stack([stream[s : s + cfg.seq_len + 1] for s in starts.tolist()])  # (bsz, seqlen+1)
+        rows = sample_windows(cfg, stream, gen)  # (bsz, seqlen+1)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
+            group["lr"] = lr_at(cfg, step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(rows[:, :-1]).logits  # (bsz, seqlen, vocab)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten())
@@ -188,7 +209,7 @@ def train(cfg: TinyLlamaConfig, out_dir: Path, threads: int | None = None) -> di
     return results
 
 
-def plot_losses(losses: list[float], path: Path, title: str) -> None:
+def plot_losses(losses: list[float], path: Path, title: str, ylabel: str = "cross-entropy (nats)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +221,7 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
     if len(losses) >= window:
         smooth = [sum(losses[i - window : i]) / window for i in range(window, len(losses) + 1)]
         ax.plot(range(window - 1, len(losses)), smooth, linewidth=1.5, label=f"mean of {window}")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title=title)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -209,7 +230,8 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="turbo-tiny", choices=sorted(PRESETS))
+    trained = sorted(name for name, cfg in PRESETS.items() if not cfg.teacher)  # the others: turbo.zoo.distill
+    parser.add_argument("--preset", default="turbo-tiny", choices=trained)
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -96,9 +96,20 @@ def check_draft_model_args(server_args) -> None:
         check_draft_path_exists(server_args.speculative_draft_model_path)
 
 
+def check_target_model(model_path: str) -> None:
+    """An EAGLE head is not a model: it needs its target's hidden states at every step."""
+    config = _local_config(model_path)
+    if config is not None and _is_eagle_head(config):
+        raise ValueError(
+            f"--model-path {model_path} is an EAGLE draft head ({config['architectures'][0]}), not a model: serve "
+            "its target and pass the head with --speculative-algorithm EAGLE3 --speculative-draft-model-path"
+        )
+
+
 def check_speculative_args(cfg) -> None:
     """After resolution (``cfg``: the resolved view, where upstream has filled in the draft path of
     models with built-in MTP layers and the auto tree shape)."""
+    check_target_model(str(cfg.model_path))
     algorithm = (cfg.speculative_algorithm or "").upper()
     if algorithm not in DRAFT_MODEL_ALGORITHMS:
         return

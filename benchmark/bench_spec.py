@@ -1,0 +1,208 @@
+"""Speculative decoding on the portable platform: every algorithm against none, side by side.
+
+    python benchmark/bench_spec.py                       # 16 prompts, 128 new tokens, batch 1 and 8
+    python benchmark/bench_spec.py --systems none,eagle3-chain --batch 1
+
+Workload (seeded, in-domain): prompts are 96-token windows of held-out standard-library
+files (never seen by turbo-tiny, its draft or its EAGLE3 head in training), starting at a
+line; each asks for 128 new tokens, greedy, EOS ignored. For each system one server is
+started (upstream's speculative flags, unchanged), the radix cache is flushed before each
+run, and requests run with ``batch`` in flight at a time.
+Figures per system and batch: output tokens/s, mean accept length (completion tokens /
+verify rounds, from ``meta_info``), and the tokens/s ratio to no speculation, printed last.
+Writes benchmark/results/spec/bench_spec.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmark" / "results" / "spec"
+
+SYSTEMS = {
+    "none": [],
+    "eagle3-chain": ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "turbo-tiny-eagle3",
+                     "--speculative-num-steps", "4", "--speculative-eagle-topk", "1",
+                     "--speculative-num-draft-tokens", "5"],
+    "eagle3-tree": ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "turbo-tiny-eagle3",
+                    "--speculative-num-steps", "4", "--speculative-eagle-topk", "4",
+                    "--speculative-num-draft-tokens", "8"],
+    "standalone": ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", "turbo-tiny-draft",
+                   "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+                   "--speculative-num-draft-tokens", "4"],
+    "ngram": ["--speculative-algorithm", "NGRAM"],
+}
+
+
+def make_prompts(tok, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
+    from turbo.zoo.corpus import code_documents
+
+    rng = random.Random(seed)
+    docs = [d.text for d in code_documents("heldout")]
+    prompts = []
+    while len(prompts) < n:
+        text = rng.choice(docs)
+        lines = text.splitlines(keepends=True)
+        start = rng.randrange(max(1, len(lines) - 40))
+        ids = tok("".join(lines[start:])).input_ids[:prompt_tokens]
+        if len(ids) == prompt_tokens:
+            prompts.append(ids)
+    return prompts
+
+
+def _post(url: str, payload: dict, timeout: float = 600) -> bytes:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return resp.read()
+
+
+def flush_cache(base_url: str, timeout_s: float = 10.0) -> None:
+    """Empties the radix cache; the server refuses (400) while a finished request is still being released."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            _post(f"{base_url}/flush_cache", {})
+            return
+        except urllib.error.HTTPError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def run(base_url: str, prompts: list[list[int]], n_new: int, batch: int) -> dict:
+    flush_cache(base_url)
+
+    def one(ids: list[int]) -> dict:
+        out = json.loads(_post(f"{base_url}/generate", {
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": n_new, "min_new_tokens": n_new, "temperature": 0, "ignore_eos": True},
+        }))
+        return out["meta_info"]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(batch) as pool:
+        metas = list(pool.map(one, prompts))
+    wall = time.perf_counter() - t0
+    tokens = sum(m["completion_tokens"] for m in metas)
+    rounds = [m.get("spec_verify_ct") or 0 for m in metas]
+    return {
+        "output_tok_s": tokens / wall,
+        "wall_s": wall,
+        "output_tokens": tokens,
+        # upstream's definition, per request: completion tokens / verify rounds; None without speculation
+        "mean_accept_length": statistics.mean(m["completion_tokens"] / r for m, r in zip(metas, rounds)) if all(rounds) else None,
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems, batches = result["systems"], [str(b) for b in result["batch"]]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(systems)
+    for i, name in enumerate(systems):
+        vals = [result["runs"][name][b]["output_tok_s"] for b in batches]
+        bars = ax.bar([j + (i - (len(systems) - 1) / 2) * width for j in range(len(batches))], vals, width, label=name)
+        for bar, b in zip(bars, batches):
+            acc = result["runs"][name][b]["mean_accept_length"]
+            if acc:
+                ax.annotate(f"{acc:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                            va="bottom", fontsize=7)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("output tokens/s (label: accept length)")
+    ax.set_title("turbo-tiny on CPU: speculative decoding")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {list(SYSTEMS)}")
+    parser.add_argument("--batch", default="1,8", help="comma-separated numbers of requests in flight")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=96)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_spec.json")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from sglang_turbo.server_process import kill_server, launch_turbo_server
+    from turbo.zoo.presets import zoo_path
+
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    batches = [int(b) for b in args.batch.split(",")]
+    target = zoo_path("turbo-tiny")
+    prompts = make_prompts(AutoTokenizer.from_pretrained(target), args.num_prompts, args.prompt_tokens, args.seed)
+    runs: dict[str, dict] = {}
+    for name in systems:
+        proc, url = launch_turbo_server(target, SYSTEMS[name])
+        try:
+            run(url, prompts[:2], 16, 2)  # warm-up
+            runs[name] = {str(b): run(url, prompts, args.new_tokens, b) for b in batches}
+        finally:
+            kill_server(proc)
+        print(f"{name:>13}: " + "  ".join(
+            f"batch {b}: {r['output_tok_s']:6.1f} tok/s, accept {r['mean_accept_length'] or 1:.2f}"
+            for b, r in runs[name].items()), flush=True)
+
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    result = {
+        "command": " ".join(["python benchmark/bench_spec.py"] + sys.argv[1:]),
+        "git_sha": sha,
+        "hardware": {"machine": platform.machine(), "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0))},
+        "systems": systems,
+        "server_args": {s: SYSTEMS[s] for s in systems},
+        "batch": batches,
+        "num_prompts": args.num_prompts,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "seed": args.seed,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+
+    if "none" in runs:
+        for b in map(str, batches):
+            base = runs["none"][b]["output_tok_s"]
+            for name in systems:
+                if name != "none":
+                    r = runs[name][b]
+                    print(f"batch {b:>2}  {name:>13}/none: tok/s {r['output_tok_s'] / base:.2f}x"
+                          f"  (accept length {r['mean_accept_length']:.2f})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
