@@ -1,14 +1,15 @@
 """Speculative decoding on the portable platform: every algorithm against none, side by side.
 
-    python benchmark/bench_spec.py                       # 16 prompts, 128 new tokens, batch 1 and 8
-    python benchmark/bench_spec.py --systems none,eagle3-chain --batch 1
+    python benchmark/bench_spec.py            # 16 prompts per domain, 128 new tokens, batch 1 and 8
+    python benchmark/bench_spec.py --systems none,eagle3-chain --domains records --batch 1
 
-Workload (seeded, in-domain): prompts are 96-token windows of held-out standard-library
-files (never seen by turbo-tiny, its draft or its EAGLE3 head in training), starting at a
-line; each asks for 128 new tokens, greedy, EOS ignored. For each system one server is
+Workload (seeded, in-domain, held out: never seen by turbo-tiny, its draft or its EAGLE3 head in
+training), one per domain: "code", 96-token windows of held-out standard-library files, and
+"records", 96-token windows of generated records (JSON lines, CSV, configs, arithmetic, chat)
+of the held-out seed, each starting at a line; each asks for 128 new tokens, greedy, EOS ignored. For each system one server is
 started (upstream's speculative flags, unchanged), the radix cache is flushed before each
 run, and requests run with ``batch`` in flight at a time.
-Figures per system and batch: output tokens/s, mean accept length (completion tokens /
+Figures per system, domain and batch: output tokens/s, mean accept length (completion tokens /
 verify rounds, from ``meta_info``), and the tokens/s ratio to no speculation, printed last.
 Writes benchmark/results/spec/bench_spec.json and .png.
 """
@@ -47,11 +48,18 @@ SYSTEMS = {
 }
 
 
-def make_prompts(tok, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
-    from turbo.zoo.corpus import code_documents
+def make_prompts(tok, domain: str, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
+    """``n`` prompts of held-out text of ``domain`` ("code": stdlib files; "records": generated records
+    of the held-out seed), each ``prompt_tokens`` long and starting at a line."""
+    from turbo.zoo.corpus import code_documents, record_documents
+    from turbo.zoo.train import RECORD_SEED_HELD_OUT
 
     rng = random.Random(seed)
-    docs = [d.text for d in code_documents("heldout")]
+    if domain == "code":
+        docs = [d.text for d in code_documents("heldout")]
+    else:  # records are short: join them into documents long enough for a prompt and its continuation
+        records = [d.text for d in record_documents(RECORD_SEED_HELD_OUT, 400)]
+        docs = ["".join(records[i : i + 20]) for i in range(0, len(records), 20)]
     prompts = []
     while len(prompts) < n:
         text = rng.choice(docs)
@@ -113,7 +121,8 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems, batches = result["systems"], [str(b) for b in result["batch"]]
+    systems = result["systems"]
+    batches = [f"{d}/{b}" for d in result["domains"] for b in result["batch"]]
     fig, ax = plt.subplots(figsize=(7, 3.8))
     width = 0.8 / len(systems)
     for i, name in enumerate(systems):
@@ -124,7 +133,7 @@ def plot(result: dict, path: Path) -> None:
             if acc:
                 ax.annotate(f"{acc:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                             va="bottom", fontsize=7)
-    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_xticks(range(len(batches)), [f"{k.split('/')[0]}, batch {k.split('/')[1]}" for k in batches])
     ax.set_ylabel("output tokens/s (label: accept length)")
     ax.set_title("turbo-tiny on CPU: speculative decoding")
     ax.legend(fontsize=8)
@@ -144,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {list(SYSTEMS)}")
     parser.add_argument("--batch", default="1,8", help="comma-separated numbers of requests in flight")
+    parser.add_argument("--domains", default="code,records", help="comma-separated, from code,records")
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -161,19 +171,21 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
     batches = [int(b) for b in args.batch.split(",")]
+    domains = args.domains.split(",")
     target = zoo_path("turbo-tiny")
-    prompts = make_prompts(AutoTokenizer.from_pretrained(target), args.num_prompts, args.prompt_tokens, args.seed)
-    runs: dict[str, dict] = {}
+    tok = AutoTokenizer.from_pretrained(target)
+    prompts = {d: make_prompts(tok, d, args.num_prompts, args.prompt_tokens, args.seed) for d in domains}
+    runs: dict[str, dict] = {}  # system -> "domain/batch" -> figures
     for name in systems:
         proc, url = launch_turbo_server(target, SYSTEMS[name])
         try:
-            run(url, prompts[:2], 16, 2)  # warm-up
-            runs[name] = {str(b): run(url, prompts, args.new_tokens, b) for b in batches}
+            run(url, prompts[domains[0]][:2], 16, 2)  # warm-up
+            runs[name] = {f"{d}/{b}": run(url, prompts[d], args.new_tokens, b) for d in domains for b in batches}
         finally:
             kill_server(proc)
         print(f"{name:>13}: " + "  ".join(
-            f"batch {b}: {r['output_tok_s']:6.1f} tok/s, accept {r['mean_accept_length'] or 1:.2f}"
-            for b, r in runs[name].items()), flush=True)
+            f"{key}: {r['output_tok_s']:6.1f} tok/s, accept {r['mean_accept_length'] or 1:.2f}"
+            for key, r in runs[name].items()), flush=True)
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     result = {
@@ -183,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         "systems": systems,
         "server_args": {s: SYSTEMS[s] for s in systems},
         "batch": batches,
+        "domains": domains,
         "num_prompts": args.num_prompts,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
@@ -194,12 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
     plot(result, args.out.with_suffix(".png"))
 
     if "none" in runs:
-        for b in map(str, batches):
-            base = runs["none"][b]["output_tok_s"]
+        for key in runs["none"]:
+            base = runs["none"][key]["output_tok_s"]
             for name in systems:
                 if name != "none":
-                    r = runs[name][b]
-                    print(f"batch {b:>2}  {name:>13}/none: tok/s {r['output_tok_s'] / base:.2f}x"
+                    r = runs[name][key]
+                    print(f"{key:>10}  {name:>13}/none: tok/s {r['output_tok_s'] / base:.2f}x"
                           f"  (accept length {r['mean_accept_length']:.2f})")
     return result
 

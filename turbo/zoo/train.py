@@ -33,7 +33,7 @@ from .tokenizer import save_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
-_RECORD_SEED_HELD_OUT = 10_000_019  # a different stream from training's records
+RECORD_SEED_HELD_OUT = 10_000_019  # a different stream from training's records
 
 
 def encode_stream(tok, docs: list[Document]) -> torch.Tensor:
@@ -78,7 +78,7 @@ def _n_records(cfg: TinyLlamaConfig, code_train: list[Document]) -> int:
 def heldout_streams(cfg: TinyLlamaConfig, tok, n_train_records: int) -> dict[str, torch.Tensor]:
     """Token streams never trained on: held-out stdlib files, and records from another seed."""
     code = list(code_documents("heldout", cfg.held_out_fraction))
-    records = list(record_documents(_RECORD_SEED_HELD_OUT + cfg.seed, max(50, n_train_records // 30)))
+    records = list(record_documents(RECORD_SEED_HELD_OUT + cfg.seed, max(50, n_train_records // 30)))
     return {"code": encode_stream(tok, code), "records": encode_stream(tok, records)}
 
 
