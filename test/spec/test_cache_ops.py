@@ -15,16 +15,11 @@ import torch
 from turbo.spec import cache_ops as C
 from turbo.spec import tree_ops as T
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 POOL_ROWS, ROW_LEN, N_SLOTS = 12, 64, 5000
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a shared 2-core box intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def table(seed: int) -> torch.Tensor:

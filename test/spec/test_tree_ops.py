@@ -15,15 +15,7 @@ import torch
 
 from turbo.spec import tree_ops as T
 
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a shared 2-core box intra-op threads only add contention (20x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

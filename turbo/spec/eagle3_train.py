@@ -332,14 +332,14 @@ def corpus_streams(preset: Eagle3Preset, tok) -> tuple[torch.Tensor, dict[str, t
     """Step 1: the target's training stream (or its first ``max_code_docs`` files) and held-out streams."""
     from turbo.zoo.corpus import code_documents, record_documents
     from turbo.zoo.presets import PRESETS as ZOO_PRESETS
-    from turbo.zoo.train import _n_records, encode_stream, heldout_streams
+    from turbo.zoo.train import n_records_for, encode_stream, heldout_streams
 
     zoo = ZOO_PRESETS[preset.target]
     code = list(code_documents("train", zoo.held_out_fraction))
-    n_records = _n_records(zoo, code)
+    n_records = n_records_for(zoo, code)
     if preset.max_code_docs is not None:
         code = code[: preset.max_code_docs]
-        n_records = max(1, _n_records(zoo, code))
+        n_records = max(1, n_records_for(zoo, code))
     train = encode_stream(tok, code + list(record_documents(zoo.seed, n_records)))
     return train, heldout_streams(zoo, tok, n_records)
 

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import platform
-import random
 import shutil
 import sys
 import time
@@ -35,7 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .presets import PRESETS, WEIGHTS_DIR, TinyLlamaConfig, zoo_path
-from .train import build_streams, create_model, create_optimizer, lr_at, perplexity, plot_losses, sample_windows
+from .train import (
+    build_streams, create_model, create_optimizer, lr_at, perplexity, plot_losses, sample_windows, start_run,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -202,12 +203,7 @@ def distill(cfg: TinyLlamaConfig, out_dir: Path, threads: int | None = None, max
     ``max_eval_windows`` caps the held-out windows per domain that the metrics read (all of them by
     default: 49 of code, 80 of records at seq_len 512); tests pass a few.
     """
-    if threads:
-        torch.set_num_threads(threads)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started = start_run(cfg, out_dir, threads)
 
     teacher, tok = load_teacher(cfg)
     for name in TOKENIZER_FILES:

@@ -50,7 +50,7 @@ def encode_stream(tok, docs: list[Document]) -> torch.Tensor:
 def training_documents(cfg: TinyLlamaConfig) -> list[Document]:
     """Step 1: the training split, stdlib code files then the generated records."""
     code_train = list(code_documents("train", cfg.held_out_fraction))
-    return code_train + list(record_documents(cfg.seed, _n_records(cfg, code_train)))
+    return code_train + list(record_documents(cfg.seed, n_records_for(cfg, code_train)))
 
 
 def build_streams(cfg: TinyLlamaConfig, out_dir: Path, tok=None):
@@ -69,7 +69,8 @@ def build_streams(cfg: TinyLlamaConfig, out_dir: Path, tok=None):
     return tok, train, heldout
 
 
-def _n_records(cfg: TinyLlamaConfig, code_train: list[Document]) -> int:
+def n_records_for(cfg: TinyLlamaConfig, code_train: list[Document]) -> int:
+    """How many generated records go with these code files to make ``cfg.records_fraction`` of the tokens."""
     # Records are short; aim the character share at the token share wanted.
     code_chars = sum(len(d.text) for d in code_train)
     return max(1, int(code_chars * cfg.records_fraction / (1 - cfg.records_fraction) / 220))
@@ -88,7 +89,7 @@ def evaluate(cfg: TinyLlamaConfig, model_dir: Path) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    n_records = _n_records(cfg, list(code_documents("train", cfg.held_out_fraction)))
+    n_records = n_records_for(cfg, list(code_documents("train", cfg.held_out_fraction)))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return {domain: perplexity(model, s, cfg.seq_len) for domain, s in heldout_streams(cfg, tok, n_records).items()}
 
@@ -156,14 +157,20 @@ def perplexity(model, stream: torch.Tensor, seq_len: int, max_windows: int = 256
     return math.exp(total / count)
 
 
-def train(cfg: TinyLlamaConfig, out_dir: Path, threads: int | None = None) -> dict:
-    """Runs the whole recipe into ``out_dir``; returns the results written to recipe.json."""
+def start_run(cfg: TinyLlamaConfig, out_dir: Path, threads: int | None) -> float:
+    """What every recipe run does first (trainer and distiller): threads, seeds, output directory;
+    returns the start time."""
     if threads:
         torch.set_num_threads(threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    return time.time()
+
+
+def train(cfg: TinyLlamaConfig, out_dir: Path, threads: int | None = None) -> dict:
+    """Runs the whole recipe into ``out_dir``; returns the results written to recipe.json."""
+    started = start_run(cfg, out_dir, threads)
 
     tok, stream, heldout = build_streams(cfg, out_dir)
     model = create_model(cfg, tok)
