@@ -24,10 +24,41 @@ class TurboServeConfig:
     is answered by the launcher before parsing."""
 
     kv_budget_gb: float | None = None  # --turbo-kv-budget-gb  <->  SGLANG_TURBO_KV_BUDGET_GB
+    # TURBO speculator (turbo.spec.adaptive_config.AdaptiveSpecConfig validates them)
+    speculator_dir: str | None = None  # --turbo-speculator-dir  <->  SGLANG_TURBO_SPECULATOR_DIR
+    replay_tokens: int | None = None  # --turbo-replay-tokens  <->  SGLANG_TURBO_REPLAY_TOKENS
+    update_interval: int | None = None  # --turbo-update-interval  <->  SGLANG_TURBO_UPDATE_INTERVAL
+    disable_learning: bool = False  # --turbo-disable-learning  <->  SGLANG_TURBO_LEARNING=off
+    controller: str | None = None  # --turbo-controller  <->  SGLANG_TURBO_CONTROLLER
 
     def __post_init__(self) -> None:
         if self.kv_budget_gb is not None and self.kv_budget_gb <= 0:
             raise ValueError(f"--turbo-kv-budget-gb must be > 0, got {self.kv_budget_gb}")
+        from turbo.spec.adaptive_config import AdaptiveSpecConfig
+
+        defaults = AdaptiveSpecConfig()
+        AdaptiveSpecConfig(  # raises ValueError naming the flag
+            replay_tokens=defaults.replay_tokens if self.replay_tokens is None else self.replay_tokens,
+            update_interval=defaults.update_interval if self.update_interval is None else self.update_interval,
+            controller=defaults.controller if self.controller is None else self.controller,
+        )
+
+    def environment(self) -> dict[str, str]:
+        """The variables that carry these flags to every process SGLang starts (read in env.py)."""
+        env = {}
+        if self.kv_budget_gb is not None:
+            env["SGLANG_TURBO_KV_BUDGET_GB"] = str(self.kv_budget_gb)
+        if self.speculator_dir is not None:
+            env["SGLANG_TURBO_SPECULATOR_DIR"] = os.path.abspath(os.path.expanduser(self.speculator_dir))
+        if self.replay_tokens is not None:
+            env["SGLANG_TURBO_REPLAY_TOKENS"] = str(self.replay_tokens)
+        if self.update_interval is not None:
+            env["SGLANG_TURBO_UPDATE_INTERVAL"] = str(self.update_interval)
+        if self.disable_learning:
+            env["SGLANG_TURBO_LEARNING"] = "off"
+        if self.controller is not None:
+            env["SGLANG_TURBO_CONTROLLER"] = self.controller
+        return env
 
 
 def add_turbo_args(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +71,33 @@ def add_turbo_args(parser: argparse.ArgumentParser) -> None:
         "--turbo-kv-budget-gb", type=float, default=None, metavar="GB",
         help="On the portable CPU platform, memory the KV pool may take when --max-total-tokens "
         "is not given (default 1; env SGLANG_TURBO_KV_BUDGET_GB).",
+    )
+    spec = parser.add_argument_group(
+        "turbo speculator", "the adaptive speculator of --speculative-algorithm TURBO (docs/adaptive_spec.md)"
+    )
+    spec.add_argument(
+        "--turbo-controller", choices=("auto", "static", "adaptive"), default=None,
+        help="auto (default): per round, the head with the higher recent accept length drafts, the lookahead "
+        "follows acceptance, and plain decoding takes over while speculation is slower; static / adaptive: "
+        "always that head at --speculative-num-steps, never falling back.",
+    )
+    spec.add_argument(
+        "--turbo-speculator-dir", default=None, metavar="DIR",
+        help="Where learned speculator versions are written (atomically) and restored from on restart "
+        "(default: not persisted).",
+    )
+    spec.add_argument(
+        "--turbo-replay-tokens", type=int, default=None, metavar="N",
+        help="Replay buffer size in token positions; the oldest are evicted first (default 65536).",
+    )
+    spec.add_argument(
+        "--turbo-update-interval", type=int, default=None, metavar="N",
+        help="New replay positions between published speculator versions (default 1024).",
+    )
+    spec.add_argument(
+        "--turbo-disable-learning", action="store_true",
+        help="Serve TURBO without training: the static head, or the newest version restored from "
+        "--turbo-speculator-dir, still chosen by the controller.",
     )
 
 
@@ -91,7 +149,11 @@ def split_turbo_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[
     returns turbo's config plus argv without the turbo flags."""
     ns = parser.parse_args(argv)
     try:
-        cfg = TurboServeConfig(kv_budget_gb=ns.turbo_kv_budget_gb)
+        cfg = TurboServeConfig(
+            kv_budget_gb=ns.turbo_kv_budget_gb, speculator_dir=ns.turbo_speculator_dir,
+            replay_tokens=ns.turbo_replay_tokens, update_interval=ns.turbo_update_interval,
+            disable_learning=ns.turbo_disable_learning, controller=ns.turbo_controller,
+        )
     except ValueError as e:
         parser.error(str(e))  # exits 2 with usage, like any other bad flag
     # Arity of every turbo flag, read from the parser so a new flag needs no change here.

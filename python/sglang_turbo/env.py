@@ -5,6 +5,12 @@
 | ``SGLANG_TURBO_PLATFORM`` | ``off`` keeps the portable CPU platform from activating | on |
 | ``SGLANG_TURBO_KV_BUDGET_GB`` | memory the CPU KV pool may take when ``--max-total-tokens`` is unset | 1 |
 | ``SGLANG_TURBO_THREADS`` | torch threads of the scheduler process on CPU | cores the process may use |
+| ``SGLANG_TURBO_SPECULATOR_DIR`` | TURBO: where learned speculator versions persist | none |
+| ``SGLANG_TURBO_REPLAY_TOKENS`` | TURBO: replay buffer size in positions | 65536 |
+| ``SGLANG_TURBO_UPDATE_INTERVAL`` | TURBO: new replay positions between published versions | 1024 |
+| ``SGLANG_TURBO_LEARNING`` | TURBO: ``off`` serves without training | on |
+| ``SGLANG_TURBO_CONTROLLER`` | TURBO: ``auto``, ``static`` or ``adaptive`` | auto |
+| ``SGLANG_TURBO_LEARNER_FAULT`` | tests only: ``crash@N`` / ``hang@N`` injects a learner fault at step N | none |
 | ``GOMP_SPINCOUNT`` (libgomp's own) | set to 5000 for SGLang's child processes unless it or ``OMP_WAIT_POLICY`` is set | |
 """
 
@@ -60,3 +66,29 @@ def bound_omp_spin() -> None:
     """
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
+
+
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def adaptive_spec_config():
+    """The TURBO speculator's settings, as the launcher's ``--turbo-*`` flags left them."""
+    from turbo.spec.adaptive_config import AdaptiveSpecConfig
+
+    return AdaptiveSpecConfig(
+        speculator_dir=os.environ.get("SGLANG_TURBO_SPECULATOR_DIR") or None,
+        replay_tokens=_positive_int("SGLANG_TURBO_REPLAY_TOKENS", 65_536),
+        update_interval=_positive_int("SGLANG_TURBO_UPDATE_INTERVAL", 1024),
+        learning=os.environ.get("SGLANG_TURBO_LEARNING", "on").strip().lower() not in ("off", "0", "false", "no"),
+        controller=os.environ.get("SGLANG_TURBO_CONTROLLER", "auto").strip().lower(),
+    )
+
+
+def learner_fault() -> str | None:
+    return os.environ.get("SGLANG_TURBO_LEARNER_FAULT") or None

@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sglang_turbo.laun
             sys.exit(f"{prog}: error: {e}")
     parser = turbo_args.build_parser(prog)
     cfg, upstream_argv = turbo_args.split_turbo_args(parser, argv)  # step 3
-    if cfg.kv_budget_gb is not None:
-        os.environ["SGLANG_TURBO_KV_BUDGET_GB"] = str(cfg.kv_budget_gb)  # read by env.py in every process
+    os.environ.update(cfg.environment())  # read by env.py in every process SGLang starts
 
     from sglang.launch_server import run_server
     from sglang.srt.arg_groups.overrides import resolving_view

@@ -24,5 +24,6 @@ def register() -> None:
 
     attention.register()  # --attention-backend turbo_native
     validation.register()  # request checks upstream lacks
+    speculative.register_algorithm()  # --speculative-algorithm TURBO
     if portable_platform_active():
         speculative.register()  # draft backends and torch kernels for the speculative workers

@@ -8,7 +8,7 @@ and the tree / verify / cache-location kernels (plain PyTorch from ``turbo.spec`
 from __future__ import annotations
 
 # Algorithms the portable platform serves (SRTPlatform.supports_speculative_algorithm).
-SUPPORTED_ALGORITHMS = frozenset({"EAGLE", "EAGLE3", "STANDALONE", "NGRAM"})
+SUPPORTED_ALGORITHMS = frozenset({"EAGLE", "EAGLE3", "STANDALONE", "NGRAM", "TURBO"})
 
 # SEAM: upstream wraps the per-step top-k of tree drafting in torch.compile (Inductor). On a CPU
 # that means a C++ build at the first request (over a minute on 2 cores, and a compiler to
@@ -20,7 +20,16 @@ def _eager(compiled):
     return getattr(compiled, "_torchdynamo_orig_callable", compiled)
 
 
+def register_algorithm() -> None:
+    """``--speculative-algorithm TURBO`` (every platform: on CUDA it runs on upstream's kernels)."""
+    from . import algorithm, observability
+
+    algorithm.register()
+    observability.register()
+
+
 def register() -> None:
+    """What upstream's speculative workers need on the portable platform."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.speculative import spec_utils
 

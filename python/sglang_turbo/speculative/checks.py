@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-DRAFT_MODEL_ALGORITHMS = ("EAGLE", "EAGLE3", "STANDALONE")
+DRAFT_MODEL_ALGORITHMS = ("EAGLE", "EAGLE3", "STANDALONE", "TURBO")
 
 
 def _local_config(path: str) -> dict | None:
@@ -52,7 +52,7 @@ def check_draft_model(algorithm: str, target_path: str, draft_path: str | None) 
             f"--speculative-draft-model-path {draft_path} is an EAGLE head ({draft['architectures'][0]}), "
             "not a standalone model: use --speculative-algorithm EAGLE3 (or EAGLE) with it"
         )
-    if algorithm == "EAGLE3" and not _is_eagle_head(draft):
+    if algorithm in ("EAGLE3", "TURBO") and not _is_eagle_head(draft):
         raise ValueError(
             f"--speculative-draft-model-path {draft_path} is not an EAGLE3 head "
             f"(architectures {draft.get('architectures')}): use --speculative-algorithm STANDALONE with a full model"

@@ -1,0 +1,237 @@
+"""``TurboEagle3Worker``: upstream's EAGLE-3 worker plus a head that keeps learning (TURBO).
+
+What it adds to ``EAGLEWorkerV2``, each through a method upstream calls on its worker:
+
+- ``verify``: after upstream's verify, the committed positions of each request (their tokens,
+  the target's aux-layer features and top-k log-probs) go to the learner's inbox as
+  ``turbo.spec.replay.VerifiedSpan``; a non-blocking hand-off, dropped when the inbox is full.
+- ``activate_step_by_batch`` (upstream's adaptive hook, before drafting): installs the learner's
+  newest version if one was published, then asks ``turbo.spec.controller`` which head drafts this
+  round and how many steps (0: plain decoding), and re-points the draft model's weights at that
+  head's slot (``turbo.spec.swap``). Every request of a round sees one version.
+- ``on_verify_complete_cpu``: the round's accept counts and wall time go back to the controller.
+- ``_forward_prefill_batch``: counts what the draft prefills and what the radix cache spared it.
+
+Lookahead changes use upstream's adaptive runtime states (one set of attention backends per
+step count), built at start-up for 0..--speculative-num-steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from sglang.srt.runtime_context import get_observability
+from sglang.srt.speculative.adaptive_runtime_state import AdaptiveController
+from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
+
+from turbo.spec.controller import ControllerConfig, RoundPlan, SpeculatorController
+from turbo.spec.swap import WeightSlots
+
+from .. import env
+
+logger = logging.getLogger(__name__)
+
+GAUGE_EVERY_ROUNDS = 8  # /metrics lags the live status by at most this many rounds
+
+
+class _ControllerPolicy:
+    """SGLang's ``AdaptiveSpecPolicy`` (what its ``AdaptiveController`` asks) over our worker."""
+
+    def __init__(self, worker: TurboEagle3Worker, max_steps: int) -> None:
+        self.worker = worker
+        self.candidate_steps = list(range(0, max_steps + 1))
+        self._graph_bs: list[int] | None = None
+
+    def set_cuda_graph_bs(self, cuda_graph_bs: list[int] | None) -> None:
+        self._graph_bs = cuda_graph_bs
+
+    def cuda_graph_bs_for_step(self, step: int) -> list[int] | None:
+        return self._graph_bs
+
+    def get_steps_for_batch(self, batch_size: int) -> int:
+        return self.worker._begin_round().steps
+
+    def on_verify_complete(self, num_correct_drafts_per_req: list[int], batch_size: int) -> None:
+        self.worker._end_round(num_correct_drafts_per_req)
+        return None  # the next round's steps come from get_steps_for_batch
+
+
+class TurboEagle3Worker(EAGLEWorkerV2):
+    def __init__(self, server_args, gpu_id, nccl_port, target_worker) -> None:
+        super().__init__(server_args, gpu_id, nccl_port, target_worker)
+        # Fallback rounds (lookahead 0) skip the draft's KV catch-up, so plain decoding costs what
+        # plain decoding costs (measured: 110 tok/s against 68 with the catch-up, turbo-tiny batch 1).
+        # The price: positions decoded in fallback leave holes in that request's draft KV, which
+        # lowers acceptance when speculation is probed again (new requests start whole). A user's
+        # explicit setting of upstream's variable wins.
+        os.environ.setdefault("SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND", "1")
+        self.turbo_cfg = env.adaptive_spec_config()
+        max_steps = self.speculative_num_steps
+        self.controller = SpeculatorController(ControllerConfig(max_steps=max_steps, policy=self.turbo_cfg.controller))
+        self.adaptive_controller = AdaptiveController(self, _ControllerPolicy(self, max_steps))
+
+        draft_model = self._draft_worker.draft_runner.model
+        self.slots = WeightSlots(draft_model)
+        self.slots.capture("static")
+        self.slots.add_copy("adaptive", "static")
+        self.version = 0
+        self.swaps = 0
+        self.last_swap_ms: float | None = None
+        self.draft_prefill_tokens = 0
+        self.draft_prefix_hit_tokens = 0
+        self.spans_dropped = 0
+        self._plan: RoundPlan | None = None
+        self._round_started: float | None = None
+        self._round_accepted: list[int] | None = None
+        self._timed = False
+
+        self.gauges = None
+        if get_observability().enable_metrics:
+            from .observability import SpeculatorGauges
+
+            self.gauges = SpeculatorGauges()
+        self.learner = None
+        self.store = None
+        self.learning_error: str | None = None
+        draft_path = str(server_args.speculative_draft_model_path)
+        try:
+            self._init_learning(draft_path)
+        except Exception as e:  # a head we cannot train still serves, as static EAGLE-3
+            self.learning_error = f"{type(e).__name__}: {e}"
+            logger.exception("TURBO: adaptive speculator disabled, serving the static head only")
+
+    # ------------------------------------------------------------------ start-up
+
+    def _init_learning(self, draft_path: str) -> None:
+        from turbo.spec.eagle3 import Eagle3Head
+        from turbo.spec.learner import Learner, LearnerConfig
+        from turbo.spec.replay import ReplayConfig
+        from turbo.spec.speculator_store import SpeculatorStore, head_fingerprint, head_shapes
+
+        head = Eagle3Head.load(Path(draft_path))
+        head.float()
+        cfg = self.turbo_cfg
+        if cfg.speculator_dir is not None:
+            self.store = SpeculatorStore(Path(cfg.speculator_dir), head_fingerprint(head.cfg),
+                                         expected=head_shapes(head.cfg))
+            restored = self.store.load_latest()
+            if restored is not None:
+                head.load_state_dict(restored.state_dict, strict=False)
+                self._install(restored.version, restored.state_dict)
+                logger.info("TURBO: restored speculator version %d from %s", restored.version, restored.path)
+        if not cfg.learning:
+            return
+        self.learner = Learner(
+            LearnerConfig(update_interval_tokens=cfg.update_interval, fault=env.learner_fault()),
+            ReplayConfig(capacity_tokens=cfg.replay_tokens, topk=cfg.topk),
+            head, self.store, start_version=self.version,
+        )
+        self.learner.start()
+
+    # ------------------------------------------------------------------ hot swap
+
+    def _install(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+        """Writes a version into the adaptive slot through the draft model's own loader."""
+        model = self._draft_worker.draft_runner.model
+        items = [(n, t) for n, t in state_dict.items() if "embed_tokens" not in n]
+        seconds = self.slots.write("adaptive", lambda: model.load_weights(iter(items)))
+        self.version, self.swaps, self.last_swap_ms = version, self.swaps + 1, round(seconds * 1e3, 3)
+        self.controller.set_adaptive_ready(True)
+
+    def _begin_round(self) -> RoundPlan:
+        """Between scheduler steps: take a newly published version, then plan this round."""
+        now = time.perf_counter()
+        if self._plan is not None and self._round_accepted is not None:
+            seconds = now - self._round_started if self._timed else None
+            self.controller.observe(self._plan, self._round_accepted, seconds)
+        if self.learner is not None:
+            published = self.learner.poll()
+            if published is not None:
+                self._install(published.version, published.state_dict)
+        plan = self.controller.plan()
+        if plan.steps > 0:
+            self.slots.activate(plan.head)
+        self._plan, self._round_started, self._round_accepted, self._timed = plan, now, None, True
+        if self.gauges is not None and self.controller.rounds % GAUGE_EVERY_ROUNDS == 1:
+            self.gauges.update(self.turbo_status())
+        return plan
+
+    def _end_round(self, num_correct_drafts_per_req: list[int]) -> None:
+        self._round_accepted = list(num_correct_drafts_per_req)
+
+    # ------------------------------------------------------------------ upstream hooks
+
+    def _forward_prefill_batch(self, batch, *args, **kwargs):
+        self._timed = False  # the running round's interval now includes a prefill
+        if batch.extend_lens is not None:
+            self.draft_prefill_tokens += int(sum(batch.extend_lens))
+        if batch.prefix_lens is not None:
+            self.draft_prefix_hit_tokens += int(sum(batch.prefix_lens))
+        return super()._forward_prefill_batch(batch, *args, **kwargs)
+
+    def verify(self, batch, pp_proxy_tensors=None, grammar_barrier=None):
+        verify_input = batch.spec_info
+        result = super().verify(batch, pp_proxy_tensors=pp_proxy_tensors, grammar_barrier=grammar_barrier)
+        if self.learner is not None and not batch.forward_mode.is_idle():
+            try:
+                self._record(batch, verify_input, result)
+            except Exception:  # never let the learner's feed stop serving
+                logger.exception("TURBO: could not record a verify round; learning from it skipped")
+        return result
+
+    def _record(self, batch, verify_input, result) -> None:
+        """Committed positions of each request -> one VerifiedSpan each (copies, off the live tensors)."""
+        from turbo.spec.replay import VerifiedSpan
+
+        hidden = result.logits_output.hidden_states
+        if hidden is None:
+            return
+        accept_lens = result.accept_lens.tolist()
+        index = result.accept_index  # (bs, steps + 1) flat verify rows, -1 past each accept length
+        rows = index[index >= 0]  # row-major: request by request, in commit order
+        tokens = verify_input.draft_token[rows].to(torch.int64)
+        aux = hidden[rows]  # a copy (advanced indexing); the replay buffer picks its storage dtype
+        logprobs = result.logits_output.next_token_logits[rows].float().log_softmax(-1)
+        top = logprobs.topk(self.turbo_cfg.topk, dim=-1)
+        start = 0
+        for req, n in zip(batch.reqs, accept_lens):
+            span = VerifiedSpan(
+                rid=req.rid, token_ids=tokens[start : start + n].cpu(), aux_hidden=aux[start : start + n].cpu(),
+                topk_ids=top.indices[start : start + n].cpu(), topk_logprobs=top.values[start : start + n].cpu(),
+                n_accepted_drafts=n - 1,
+            )
+            if not self.learner.submit(span):
+                self.spans_dropped += 1
+            start += n
+
+    # ------------------------------------------------------------------ readout
+
+    def turbo_status(self) -> dict:
+        learner = self.learner.status() if self.learner is not None else None
+        controller = self.controller.status()
+        return {
+            "algorithm": "TURBO",
+            "version": self.version,
+            "mode": controller["mode"],
+            "lookahead": controller["lookahead"],
+            "accept_length": controller["accept_length"],
+            "tokens_per_s_per_request": controller["tokens_per_s_per_request"],
+            "rounds": controller["rounds"],
+            "learning": self.learner is not None,
+            "learning_error": self.learning_error,
+            "replay_buffer_tokens": learner["replay_tokens"] if learner else 0,
+            "learner_steps": learner["steps"] if learner else 0,
+            "learner_alive": bool(learner and learner["alive"]),
+            "learner": learner,
+            "swaps": self.swaps,
+            "last_swap_ms": self.last_swap_ms,
+            "spans_dropped": self.spans_dropped,
+            "draft_prefill_tokens": self.draft_prefill_tokens,
+            "draft_prefix_hit_tokens": self.draft_prefix_hit_tokens,
+            "speculator_dir": self.turbo_cfg.speculator_dir,
+            "pid": os.getpid(),
+        }

@@ -1,0 +1,117 @@
+"""The TURBO controller: which head drafts, how far ahead, and when plain decoding takes over.
+
+Driven by a simulated server: each head has a per-draft acceptance probability, a round costs
+``base + per_step * steps`` seconds, and the controller only sees accept counts and times.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from turbo.spec.controller import ControllerConfig, RoundPlan, SpeculatorController
+
+
+class SimulatedServer:
+    def __init__(self, p_accept: dict[str, float], base: float = 0.010, per_step: float = 0.003, seed: int = 0):
+        self.p, self.base, self.per_step = p_accept, base, per_step
+        self.rng = random.Random(seed)
+
+    def run(self, plan: RoundPlan, bsz: int = 1) -> tuple[list[int], float]:
+        accepted = []
+        for _ in range(bsz):
+            n = 0
+            while n < plan.steps and self.rng.random() < self.p[plan.head]:
+                n += 1
+            accepted.append(n)
+        return accepted, self.base + self.per_step * plan.steps
+
+
+def drive(ctrl: SpeculatorController, server: SimulatedServer, rounds: int) -> list[RoundPlan]:
+    plans = []
+    for _ in range(rounds):
+        plan = ctrl.plan()
+        accepted, seconds = server.run(plan)
+        ctrl.observe(plan, accepted, seconds)
+        plans.append(plan)
+    return plans
+
+
+def share(plans: list[RoundPlan], pred) -> float:
+    return sum(1 for p in plans if pred(p)) / len(plans)
+
+
+def test_a_good_static_head_keeps_speculating_at_a_long_lookahead():
+    ctrl = SpeculatorController(ControllerConfig(max_steps=4))
+    plans = drive(ctrl, SimulatedServer({"static": 0.9, "adaptive": 0.0}), 400)[100:]
+    assert ctrl.mode == "static"
+    assert share(plans, lambda p: p.head == "static" and p.steps >= 3) > 0.85
+
+
+def test_lookahead_shrinks_with_acceptance_and_never_leaves_the_users_limit():
+    ctrl = SpeculatorController(ControllerConfig(max_steps=3))
+    plans = drive(ctrl, SimulatedServer({"static": 0.35, "adaptive": 0.0}, base=0.010, per_step=0.0005), 400)
+    assert all(0 <= p.steps <= 3 for p in plans)
+    speculative = [p.steps for p in plans[100:] if p.steps > 0 and not p.probe]
+    assert speculative and max(set(speculative), key=speculative.count) == 1
+
+
+def test_useless_speculation_falls_back_to_plain_decoding_and_probes_again_later():
+    cfg = ControllerConfig(max_steps=4, fallback_probe_every=48)
+    ctrl = SpeculatorController(cfg)
+    plans = drive(ctrl, SimulatedServer({"static": 0.05, "adaptive": 0.0}), 600)[100:]
+    assert ctrl.mode == "fallback"
+    assert share(plans, lambda p: p.steps == 0) > 0.85
+    probes = [p for p in plans if p.steps > 0]
+    assert probes, "fallback must probe speculation again"
+    assert len(probes) <= len(plans) / cfg.fallback_probe_every * cfg.probe_rounds + cfg.probe_rounds
+
+
+def test_fallback_ends_when_the_head_becomes_good():
+    ctrl = SpeculatorController(ControllerConfig(max_steps=4, fallback_probe_every=16))
+    server = SimulatedServer({"static": 0.05, "adaptive": 0.0})
+    drive(ctrl, server, 200)
+    assert ctrl.mode == "fallback"
+    server.p["static"] = 0.9  # e.g. traffic moved back to the head's domain
+    plans = drive(ctrl, server, 300)
+    assert ctrl.mode == "static"
+    assert share(plans[-100:], lambda p: p.steps > 0) > 0.85
+
+
+def test_the_adaptive_head_takes_over_only_once_published_and_better():
+    ctrl = SpeculatorController(ControllerConfig(max_steps=4))
+    server = SimulatedServer({"static": 0.5, "adaptive": 0.9})
+    plans = drive(ctrl, server, 100)
+    assert all(p.head == "static" for p in plans), "no version published yet"
+    ctrl.set_adaptive_ready()
+    plans = drive(ctrl, server, 300)
+    assert ctrl.mode == "adaptive"
+    assert share(plans[-150:], lambda p: p.head == "adaptive") > 0.8
+    assert any(p.head == "static" and p.probe for p in plans[-150:]), "the static head is still probed"
+
+
+def test_a_worse_adaptive_head_does_not_take_over():
+    ctrl = SpeculatorController(ControllerConfig(max_steps=4))
+    ctrl.set_adaptive_ready()
+    plans = drive(ctrl, SimulatedServer({"static": 0.8, "adaptive": 0.3}), 400)
+    assert ctrl.mode == "static"
+    assert share(plans[100:], lambda p: p.head == "adaptive") < 0.2
+
+
+@pytest.mark.parametrize("policy", ["static", "adaptive"])
+def test_a_pinned_policy_drafts_with_that_head_at_full_lookahead_and_never_falls_back(policy):
+    ctrl = SpeculatorController(ControllerConfig(max_steps=4, policy=policy))
+    ctrl.set_adaptive_ready()
+    plans = drive(ctrl, SimulatedServer({"static": 0.0, "adaptive": 0.0}), 200)
+    assert all(p.head == policy and p.steps == 4 for p in plans)
+
+
+def test_status_reports_mode_lookahead_and_each_heads_accept_length():
+    ctrl = SpeculatorController(ControllerConfig(max_steps=4))
+    drive(ctrl, SimulatedServer({"static": 1.0, "adaptive": 0.0}), 50)
+    status = ctrl.status()
+    assert status["mode"] == "static"
+    assert status["accept_length"]["static"] == pytest.approx(5.0, abs=0.01)  # 4 drafts + the bonus token
+    assert status["accept_length"]["adaptive"] is None
+    assert status["lookahead"] == 4

@@ -1,0 +1,190 @@
+"""Which head drafts and how far ahead: decided each round from what speculation measurably buys.
+
+ATLAS's idea, made concrete for a server whose cost per round we can only measure, not predict:
+
+1. Two heads draft the same way: ``static`` (the shipped head) and ``adaptive`` (the learner's
+   newest version, once one exists). The head with the higher recent accept length drafts; the
+   other is probed for a few rounds every ``probe_every`` rounds so its figure stays current, and
+   a switch needs a ``head_margin`` lead (hysteresis, so noise does not flip heads every probe).
+2. Lookahead: draft ``round(ema accepted drafts) + 1`` steps, within ``[1, max_steps]`` (the user's
+   ``--speculative-num-steps``): one step beyond what is being accepted, as upstream's adaptive
+   steps do, so a rising acceptance is noticed.
+3. Fail-safe: the controller measures output tokens per second per request in speculative rounds
+   and in plain rounds (lookahead 0: the target verifies only its own last token, i.e. a plain
+   decode step). When speculation is slower than plain decoding by ``fallback_margin`` it falls
+   back to plain decoding and probes speculation again every ``fallback_probe_every`` rounds.
+   Plain decoding is itself re-measured every ``plain_probe_every`` rounds (load changes it).
+
+Nothing here changes what is generated: verification decides every token. The controller only
+sees accept counts and round times, so it is plain Python and tested without a server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HEADS = ("static", "adaptive")
+POLICIES = ("auto", "static", "adaptive")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    max_steps: int  # the user's --speculative-num-steps: lookahead never exceeds it
+    ema_alpha: float = 0.25
+    warmup_rounds: int = 4  # rounds on the static head at max_steps before the first decision
+    probe_rounds: int = 3  # rounds per probe (the other head, plain decoding, or speculation in fallback)
+    probe_every: int = 24  # rounds between probes of the head not drafting
+    plain_probe_every: int = 96  # rounds between re-measurements of plain decoding while speculating
+    fallback_probe_every: int = 48  # plain rounds before speculation is tried again
+    head_margin: float = 0.1  # accept-length lead the other head needs to take over
+    fallback_margin: float = 0.05  # relative speed gap that enters (and, mirrored, leaves) fallback
+    policy: str = "auto"  # "auto"; "static" / "adaptive": that head (static until a version exists), max_steps, no fallback
+
+    def __post_init__(self) -> None:
+        assert self.max_steps >= 1, f"max_steps must be >= 1 (--speculative-num-steps), got {self.max_steps}"
+        assert 0.0 < self.ema_alpha <= 1.0, f"ema_alpha must be in (0, 1], got {self.ema_alpha}"
+        assert self.probe_rounds >= 1, f"probe_rounds must be >= 1, got {self.probe_rounds}"
+        assert self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}"
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    head: str  # "static" or "adaptive"
+    steps: int  # draft steps this round; 0 = plain decoding
+    probe: bool = False  # a measurement round, not the current best choice
+
+
+class _Ema:
+    def __init__(self, alpha: float) -> None:
+        self.alpha, self.value = alpha, None
+
+    def update(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
+
+
+class SpeculatorController:
+    """``plan()`` once per decode round, then ``observe()`` that round's outcome."""
+
+    def __init__(self, cfg: ControllerConfig) -> None:
+        self.cfg = cfg
+        self.accepted = {h: _Ema(cfg.ema_alpha) for h in HEADS}  # accepted drafts per request per round
+        self.rate_spec = {h: _Ema(cfg.ema_alpha) for h in HEADS}  # output tokens / s / request, speculating
+        self.rate_plain = _Ema(cfg.ema_alpha)  # ... while decoding plainly
+        self.head = "static"
+        self.fallback = False
+        self.adaptive_ready = False
+        self.rounds = 0
+        self._probe: list[RoundPlan] = []  # queued measurement rounds
+        self._last_head_probe = 0
+        self._last_plain_probe = 0
+        self._fallback_since = 0
+        self._fallback_probe_head = "adaptive"
+
+    # ------------------------------------------------------------------ inputs
+
+    def set_adaptive_ready(self, ready: bool = True) -> None:
+        """A new adaptive version is in place (published or restored): forget the old version's figure
+        and measure the new one at the next opportunity."""
+        self.adaptive_ready = ready
+        self.accepted["adaptive"] = _Ema(self.cfg.ema_alpha)
+        self.rate_spec["adaptive"] = _Ema(self.cfg.ema_alpha)
+        self._last_head_probe = -self.cfg.probe_every
+        if not ready and self.head == "adaptive":
+            self.head = "static"
+
+    def observe(self, plan: RoundPlan, accepted_drafts: list[int], seconds: float | None) -> None:
+        """One round's outcome: accepted drafts per request and, when the round was timed back to
+        back with the next one, its wall time (None: not comparable, e.g. a prefill ran between)."""
+        if not accepted_drafts:
+            return
+        mean_accepted = sum(accepted_drafts) / len(accepted_drafts)
+        if plan.steps > 0:
+            self.accepted[plan.head].update(mean_accepted)
+        if seconds is not None and seconds > 0:
+            rate = self.rate_spec[plan.head] if plan.steps > 0 else self.rate_plain
+            rate.update((mean_accepted + 1) / seconds)
+        if self.cfg.policy == "auto" and (not plan.probe or not self._probe):
+            self._decide()
+
+    # ------------------------------------------------------------------ decision
+
+    def plan(self) -> RoundPlan:
+        self.rounds += 1
+        if self.cfg.policy != "auto":
+            head = "adaptive" if self.cfg.policy == "adaptive" and self.adaptive_ready else "static"
+            self.head = head
+            return RoundPlan(head, self.cfg.max_steps)
+        if self.rounds <= self.cfg.warmup_rounds:
+            return RoundPlan("static", self.cfg.max_steps, probe=True)
+        if self._probe:
+            return self._probe.pop(0)
+        if self.fallback:
+            unmeasured = self.adaptive_ready and self.accepted["adaptive"].value is None
+            if unmeasured or self.rounds - self._fallback_since >= self.cfg.fallback_probe_every:
+                self._fallback_since = self.rounds
+                # alternate the probed head, so a head that became good is found whichever it is
+                head = self._other(self._fallback_probe_head) if self.adaptive_ready else "static"
+                head = "adaptive" if unmeasured else head
+                self._fallback_probe_head = head
+                self._queue(RoundPlan(head, self._lookahead(head), probe=True))
+                return self._probe.pop(0)
+            return RoundPlan(self.head, 0)
+        if self.rate_plain.value is None or self.rounds - self._last_plain_probe >= self.cfg.plain_probe_every:
+            self._last_plain_probe = self.rounds
+            self._queue(RoundPlan(self.head, 0, probe=True))
+            return self._probe.pop(0)
+        other = self._other(self.head)
+        if self.adaptive_ready and self.rounds - self._last_head_probe >= self.cfg.probe_every:
+            self._last_head_probe = self.rounds
+            self._queue(RoundPlan(other, self._lookahead(self.head), probe=True))
+            return self._probe.pop(0)
+        return RoundPlan(self.head, self._lookahead(self.head))
+
+    def _queue(self, plan: RoundPlan) -> None:
+        self._probe = [plan] * self.cfg.probe_rounds
+
+    def _lookahead(self, head: str) -> int:
+        acc = self.accepted[head].value
+        if acc is None:
+            return self.cfg.max_steps
+        return max(1, min(self.cfg.max_steps, round(acc) + 1))
+
+    @staticmethod
+    def _other(head: str) -> str:
+        return "adaptive" if head == "static" else "static"
+
+    def _decide(self) -> None:
+        # 1. the better head, with hysteresis
+        if self.adaptive_ready:
+            other = self._other(self.head)
+            mine, theirs = self.accepted[self.head].value, self.accepted[other].value
+            if theirs is not None and (mine is None or theirs > mine + self.cfg.head_margin):
+                self.head = other
+        # 2. speculate or not, mirrored margins so one noisy round does not toggle
+        spec, plain = self.rate_spec[self.head].value, self.rate_plain.value
+        if spec is None or plain is None:
+            return
+        if not self.fallback and spec < plain * (1 - self.cfg.fallback_margin):
+            self.fallback, self._fallback_since = True, self.rounds
+        elif self.fallback and spec > plain * (1 + self.cfg.fallback_margin):
+            self.fallback = False
+
+    # ------------------------------------------------------------------ readout
+
+    @property
+    def mode(self) -> str:
+        return "fallback" if self.fallback else self.head
+
+    def status(self) -> dict:
+        def r(x):
+            return None if x is None else round(x, 4)
+
+        return {
+            "mode": self.mode,
+            "lookahead": 0 if self.fallback else self._lookahead(self.head),
+            "max_steps": self.cfg.max_steps,
+            "rounds": self.rounds,
+            "accept_length": {h: r(None if e.value is None else e.value + 1) for h, e in self.accepted.items()},
+            "tokens_per_s_per_request": {**{h: r(e.value) for h, e in self.rate_spec.items()},
+                                         "plain": r(self.rate_plain.value)},
+        }
