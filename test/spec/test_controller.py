@@ -28,9 +28,12 @@ class SimulatedServer:
         return accepted, self.base + self.per_step * plan.steps
 
 
-def drive(ctrl: SpeculatorController, server: SimulatedServer, rounds: int) -> list[RoundPlan]:
+def drive(ctrl: SpeculatorController, server: SimulatedServer, rounds: int, request_len: int = 64) -> list[RoundPlan]:
+    """``rounds`` decode rounds of back-to-back requests of ``request_len`` rounds each."""
     plans = []
-    for _ in range(rounds):
+    for i in range(rounds):
+        if i % request_len == 0:
+            ctrl.note_request_start()
         plan = ctrl.plan()
         accepted, seconds = server.run(plan)
         ctrl.observe(plan, accepted, seconds)
@@ -57,19 +60,27 @@ def test_lookahead_shrinks_with_acceptance_and_never_leaves_the_users_limit():
     assert speculative and max(set(speculative), key=speculative.count) == 1
 
 
-def test_useless_speculation_falls_back_to_plain_decoding_and_probes_again_later():
-    cfg = ControllerConfig(max_steps=4, fallback_probe_every=48)
+def test_useless_speculation_falls_back_to_plain_decoding_and_probes_again_at_request_starts():
+    cfg = ControllerConfig(max_steps=4)
     ctrl = SpeculatorController(cfg)
-    plans = drive(ctrl, SimulatedServer({"static": 0.05, "adaptive": 0.0}), 600)[100:]
+    plans = drive(ctrl, SimulatedServer({"static": 0.05, "adaptive": 0.0}), 640, request_len=64)[128:]
     assert ctrl.mode == "fallback"
-    assert share(plans, lambda p: p.steps == 0) > 0.85
+    assert share(plans, lambda p: p.steps == 0) > 0.9
+    probe_starts = [i for i, p in enumerate(plans) if p.steps > 0 and (i == 0 or plans[i - 1].steps == 0)]
+    assert probe_starts, "fallback must probe speculation again"
+    assert all(i % 64 == 0 for i in probe_starts), f"probes start with a request: {probe_starts}"
+
+
+def test_a_long_request_in_fallback_is_still_probed_now_and_then():
+    cfg = ControllerConfig(max_steps=4, fallback_probe_every=100)
+    ctrl = SpeculatorController(cfg)
+    plans = drive(ctrl, SimulatedServer({"static": 0.05, "adaptive": 0.0}), 1000, request_len=10_000)[200:]
     probes = [p for p in plans if p.steps > 0]
-    assert probes, "fallback must probe speculation again"
-    assert len(probes) <= len(plans) / cfg.fallback_probe_every * cfg.probe_rounds + cfg.probe_rounds
+    assert 0 < len(probes) <= len(plans) / cfg.fallback_probe_every * cfg.probe_rounds + cfg.probe_rounds
 
 
 def test_fallback_ends_when_the_head_becomes_good():
-    ctrl = SpeculatorController(ControllerConfig(max_steps=4, fallback_probe_every=16))
+    ctrl = SpeculatorController(ControllerConfig(max_steps=4))
     server = SimulatedServer({"static": 0.05, "adaptive": 0.0})
     drive(ctrl, server, 200)
     assert ctrl.mode == "fallback"

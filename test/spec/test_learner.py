@@ -243,6 +243,15 @@ def test_an_idle_learner_is_alive_and_not_hung(make_learner):
     assert status["alive"] and status["state"] == "idle", f"{status=}"
 
 
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread nice values are a Linux feature")
+def test_the_learner_thread_runs_at_a_lower_priority_than_the_caller(make_learner):
+    learner = make_learner(replace(FAST, nice=19))
+    wait_for(lambda: learner.status()["state"] == "idle", "the learner to start")
+    time.sleep(0.2)
+    assert os.getpriority(os.PRIO_PROCESS, learner._thread.native_id) == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19, "the caller keeps its priority"
+
+
 def test_spans_of_another_feature_width_are_refused_without_raising(make_learner):
     learner = make_learner(start=False)
     bad = VerifiedSpan(rid="x", token_ids=torch.tensor([1, 2]), aux_hidden=torch.zeros(2, AUX + 1),

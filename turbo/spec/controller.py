@@ -12,7 +12,10 @@ ATLAS's idea, made concrete for a server whose cost per round we can only measur
 3. Fail-safe: the controller measures output tokens per second per request in speculative rounds
    and in plain rounds (lookahead 0: the target verifies only its own last token, i.e. a plain
    decode step). When speculation is slower than plain decoding by ``fallback_margin`` it falls
-   back to plain decoding and probes speculation again every ``fallback_probe_every`` rounds.
+   back to plain decoding and probes speculation again: when a request starts decoding (its
+   draft state is whole then: a server that skips the draft's catch-up in plain rounds leaves
+   holes in the draft KV of requests decoded plainly, which would make a mid-request probe read
+   low), at most every ``request_probe_gap`` rounds, and otherwise every ``fallback_probe_every``.
    Plain decoding is itself re-measured every ``plain_probe_every`` rounds (load changes it).
 
 Nothing here changes what is generated: verification decides every token. The controller only
@@ -35,7 +38,8 @@ class ControllerConfig:
     probe_rounds: int = 3  # rounds per probe (the other head, plain decoding, or speculation in fallback)
     probe_every: int = 24  # rounds between probes of the head not drafting
     plain_probe_every: int = 96  # rounds between re-measurements of plain decoding while speculating
-    fallback_probe_every: int = 48  # plain rounds before speculation is tried again
+    fallback_probe_every: int = 256  # plain rounds before speculation is tried again mid-request
+    request_probe_gap: int = 16  # fewest rounds between probes at request starts
     head_margin: float = 0.1  # accept-length lead the other head needs to take over
     fallback_margin: float = 0.05  # relative speed gap that enters (and, mirrored, leaves) fallback
     policy: str = "auto"  # "auto"; "static" / "adaptive": that head (static until a version exists), max_steps, no fallback
@@ -79,6 +83,7 @@ class SpeculatorController:
         self._last_plain_probe = 0
         self._fallback_since = 0
         self._fallback_probe_head = "adaptive"
+        self._request_started = False
 
     # ------------------------------------------------------------------ inputs
 
@@ -91,6 +96,10 @@ class SpeculatorController:
         self._last_head_probe = -self.cfg.probe_every
         if not ready and self.head == "adaptive":
             self.head = "static"
+
+    def note_request_start(self) -> None:
+        """A request was prefilled: its next rounds draft from a whole draft state."""
+        self._request_started = True
 
     def observe(self, plan: RoundPlan, accepted_drafts: list[int], seconds: float | None) -> None:
         """One round's outcome: accepted drafts per request and, when the round was timed back to
@@ -120,7 +129,10 @@ class SpeculatorController:
             return self._probe.pop(0)
         if self.fallback:
             unmeasured = self.adaptive_ready and self.accepted["adaptive"].value is None
-            if unmeasured or self.rounds - self._fallback_since >= self.cfg.fallback_probe_every:
+            since = self.rounds - self._fallback_since
+            at_request_start, self._request_started = self._request_started, False
+            if (at_request_start and (unmeasured or since >= self.cfg.request_probe_gap)) \
+                    or since >= self.cfg.fallback_probe_every:
                 self._fallback_since = self.rounds
                 # alternate the probed head, so a head that became good is found whichever it is
                 head = self._other(self._fallback_probe_head) if self.adaptive_ready else "static"

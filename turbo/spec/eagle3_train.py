@@ -1,8 +1,8 @@
 """Train an EAGLE-3 head for an embedded target: ``python -m turbo.spec.eagle3_train --preset turbo-tiny-eagle3``.
 
 The recipe, step by step:
-1. Load the target (transformers, fp32) and its tokenizer; rebuild the target's own training stream and
-   its held-out streams (``turbo.zoo.train``).
+1. Load the target (transformers, fp32) and its tokenizer; rebuild the target's own training stream (or
+   only the preset's ``domains`` of it) and its held-out streams of both domains (``turbo.zoo.train``).
 2. Records: seeded windows of the training stream, and the target's own greedy continuations of stream
    prompts (the text a greedy server will draft on). ``TargetRecorder`` adds, under no_grad, the target's
    aux-layer hidden states (exactly the tensors SGLang captures) and its next-token logits.
@@ -70,6 +70,10 @@ class TTTConfig:
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# Domains of the turbo-tiny training stream, in the order the stream packs them (turbo.zoo.corpus).
+DOMAINS = ("code", "records")
+
+
 @dataclass(frozen=True)
 class Eagle3Preset:
     """A named recipe: the head's shape, the records it is trained on, the optimiser, the seed."""
@@ -85,6 +89,9 @@ class Eagle3Preset:
     greedy_fraction: float = 0.25  # share of training rows that are the target's greedy continuations
     prompt_len: int = 64  # prompt tokens before a greedy continuation (training and evaluation)
     max_code_docs: int | None = None  # None: the target's whole training stream
+    # Domains of the training stream, packed in DOMAINS order whatever the order here; held-out evaluation
+    # always covers every domain, so a head trained on a subset shows what it never saw.
+    domains: tuple[str, ...] = DOMAINS
     # evaluation (held-out)
     eval_windows: int = 48  # corpus windows of seq_len per domain
     eval_prompts: int = 24  # greedy continuations per domain
@@ -94,6 +101,10 @@ class Eagle3Preset:
     def __post_init__(self) -> None:
         assert 0.0 <= self.greedy_fraction <= 1.0, f"greedy_fraction must be in [0, 1], got {self.greedy_fraction}"
         assert self.prompt_len + self.ttt.n_steps + 2 <= self.seq_len, "seq_len too short for prompt + chain"
+        unknown = sorted(set(self.domains) - set(DOMAINS))
+        assert self.domains and not unknown and len(set(self.domains)) == len(self.domains), (
+            f"domains must name one or more of {DOMAINS}, each once (e.g. domains=('code',)); "
+            f"got {self.domains!r}" + (f", unknown {unknown}" if unknown else ""))
 
     @property
     def greedy_rows(self) -> int:
@@ -105,6 +116,11 @@ class Eagle3Preset:
 
 PRESETS: dict[str, Eagle3Preset] = {
     "turbo-tiny-eagle3": Eagle3Preset(name="turbo-tiny-eagle3", ttt=TTTConfig(warmup_steps=20, total_steps=180)),
+    # The adaptive speculator's benchmark fixture: a head that never saw the records domain, so a workload
+    # shifting from code to records shows what online learning recovers. ~7 min on 1 thread; never shipped.
+    "turbo-tiny-eagle3-code": Eagle3Preset(
+        name="turbo-tiny-eagle3-code", steps=80, domains=("code",), ttt=TTTConfig(warmup_steps=20, total_steps=80),
+    ),
     # A seconds-long recipe for tests of the trainer itself; never shipped.
     "turbo-tiny-eagle3-smoke": Eagle3Preset(
         name="turbo-tiny-eagle3-smoke", intermediate_size=128, seq_len=48, batch_size=4, steps=30,
@@ -112,6 +128,9 @@ PRESETS: dict[str, Eagle3Preset] = {
         ttt=TTTConfig(warmup_steps=3, total_steps=30),
     ),
 }
+
+# Presets that are never written under turbo/zoo/weights: the command line needs --out for them.
+FIXTURE_PRESETS = frozenset({"turbo-tiny-eagle3-code"})
 
 
 # --------------------------------------------------------------------------- records
@@ -329,7 +348,8 @@ def load_target(name: str):
 
 
 def corpus_streams(preset: Eagle3Preset, tok) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Step 1: the target's training stream (or its first ``max_code_docs`` files) and held-out streams."""
+    """Step 1: the target's training stream (or its first ``max_code_docs`` files), only the documents of
+    ``preset.domains``, and the held-out streams of every domain, whatever ``preset.domains`` says."""
     from turbo.zoo.corpus import code_documents, record_documents
     from turbo.zoo.presets import PRESETS as ZOO_PRESETS
     from turbo.zoo.train import n_records_for, encode_stream, heldout_streams
@@ -340,7 +360,10 @@ def corpus_streams(preset: Eagle3Preset, tok) -> tuple[torch.Tensor, dict[str, t
     if preset.max_code_docs is not None:
         code = code[: preset.max_code_docs]
         n_records = max(1, n_records_for(zoo, code))
-    train = encode_stream(tok, code + list(record_documents(zoo.seed, n_records)))
+    # NOTE: n_records (so the held-out records stream) does not depend on domains; with both domains the
+    # stream is the one shipped heads were trained on, code files then records.
+    docs = {"code": code, "records": list(record_documents(zoo.seed, n_records))}
+    train = encode_stream(tok, [d for name in DOMAINS if name in preset.domains for d in docs[name]])
     return train, heldout_streams(zoo, tok, n_records)
 
 
@@ -454,7 +477,8 @@ def train(preset: Eagle3Preset, out_dir: Path, threads: int | None = None) -> di
         "threads": torch.get_num_threads(),
         "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.time() - started, 1),
-        "command": f"python -m turbo.spec.eagle3_train --preset {preset.name}",
+        "command": f"python -m turbo.spec.eagle3_train --preset {preset.name}"
+                   + (f" --out {out_dir}" if preset.name in FIXTURE_PRESETS else ""),
     }
     (out_dir / "recipe.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "loss.json").write_text(json.dumps([round(x, 5) for x in losses]) + "\n")
@@ -485,6 +509,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     preset = PRESETS[args.preset]
+    if args.out is None and preset.name in FIXTURE_PRESETS:
+        parser.error(f"{preset.name} is a benchmark fixture, never shipped: give --out, e.g. "
+                     f"--out benchmark/heads/{preset.name}")
     if args.steps is not None:
         preset = replace(preset, steps=args.steps, ttt=replace(preset.ttt, total_steps=args.steps))
     results = train(preset, args.out or WEIGHTS_DIR / preset.name, threads=args.threads)

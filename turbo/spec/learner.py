@@ -22,6 +22,7 @@ window starts towards the positions just after each span (where the round's firs
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ class LearnerConfig:
     # with torch's OpenMP backend torch.set_num_threads is per calling thread, except for the default new
     # threads start with, which the learner restores.
     threads: int | None = 1
+    # Linux nice value of the learner thread (per thread on Linux): serving threads come first on a busy
+    # CPU; None leaves it alone.
+    nice: int | None = 19
     heartbeat_timeout_s: float = 30.0  # no loop progress for this long reads as "hung"
     idle_sleep_s: float = 0.05  # wait between inbox checks when there is nothing to train on
     inbox_tokens: int = 16_384  # positions the inbox holds between drains; more are dropped
@@ -198,6 +202,7 @@ class Learner:
     def _run(self) -> None:
         try:
             self._threads_used = _use_threads(self.cfg.threads)
+            _lower_priority(self.cfg.nice)
             while not self._stop.is_set():
                 self._beat = time.monotonic()
                 got = self._drain()
@@ -292,6 +297,17 @@ def _to(batch: RecordBatch, device: torch.device) -> RecordBatch:
 
 
 _warned_threads = False
+
+
+def _lower_priority(nice: int | None) -> None:
+    """Sets the calling thread's nice value (Linux schedules threads, so this leaves the rest of the
+    process alone); a platform without per-thread priorities keeps its default, logged once."""
+    if nice is None:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as e:
+        logger.info("learner thread keeps its priority (%s)", e)
 
 
 def _use_threads(n: int | None) -> int | None:

@@ -167,6 +167,7 @@ class TurboEagle3Worker(EAGLEWorkerV2):
 
     def _forward_prefill_batch(self, batch, *args, **kwargs):
         self._timed = False  # the running round's interval now includes a prefill
+        self.controller.note_request_start()
         if batch.extend_lens is not None:
             self.draft_prefill_tokens += int(sum(batch.extend_lens))
         if batch.prefix_lens is not None:
