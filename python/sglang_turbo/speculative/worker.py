@@ -75,10 +75,10 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         self.adaptive_controller = AdaptiveController(self, _ControllerPolicy(self, max_steps))
 
         draft_model = self._draft_worker.draft_runner.model
-        # A captured draft graph holds the parameters' addresses: swap by copying into them there.
-        graphs = self._draft_worker.cuda_graph_runner is not None
-        self.slots = WeightSlots(draft_model, in_place=graphs)
-        logger.info("TURBO: head swaps %s", "copy into graph-captured weights" if graphs else "re-point weights")
+        # On an accelerator the draft's graphs (captured after this constructor) hold the parameters'
+        # addresses: swap by copying into them there. On the CPU nothing is captured: re-point.
+        in_place = str(self.device) != "cpu"
+        self.slots = WeightSlots(draft_model, in_place=in_place)
         self.slots.capture("static")
         self.slots.add_copy("adaptive", "static")
         self.version = 0
