@@ -243,3 +243,8 @@ def test_bad_turbo_flags_are_cli_errors():
         r = subprocess.run([sys.executable, "-m", "sglang_turbo.launch_server", *flags], capture_output=True,
                            text=True, timeout=120, env={**os.environ})
         assert r.returncode == 2 and needle in r.stderr, (flags, r.returncode, r.stderr[-2000:])
+
+
+def test_a_server_without_turbo_answers_404_naming_the_flag(server):
+    r = requests.get(f"{server}/turbo/speculator", timeout=30)
+    assert r.status_code == 404 and "--speculative-algorithm TURBO" in r.json()["error"]

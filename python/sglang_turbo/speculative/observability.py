@@ -1,7 +1,7 @@
 """What a TURBO server reports: ``GET /turbo/speculator`` (JSON) and ``sglang_turbo_*`` on ``/metrics``.
 
 The figures live in the scheduler process (``TurboEagle3Worker.turbo_status``); the HTTP server
-runs in the launcher process. They meet through upstream's internal-state request (the one behind
+runs in the launcher process, where a BEFORE hook on ``http_server.launch_server`` adds the route. They meet through upstream's internal-state request (the one behind
 ``/server_info``): SEAM, an AFTER hook on ``Scheduler.get_internal_state`` adds our entry, because
 upstream has no registry for scheduler-side status. ``/metrics`` needs no round trip: the
 scheduler sets Prometheus gauges in multiprocess mode, which upstream's ``/metrics`` collects.
@@ -40,22 +40,23 @@ async def _speculator_endpoint():
     return found[0] if len(found) == 1 else {"ranks": found}
 
 
-def add_routes(app) -> None:
-    if not any(getattr(r, "path", None) == ROUTE for r in app.routes):
-        app.add_api_route(ROUTE, _speculator_endpoint, methods=["GET"])
+def _before_launch_server(*args, **kwargs):
+    from sglang.srt.entrypoints import http_server
+
+    if not any(getattr(r, "path", None) == ROUTE for r in http_server.app.routes):
+        http_server.app.add_api_route(ROUTE, _speculator_endpoint, methods=["GET"])
+
+
+# SEAM: the FastAPI app is a module global built at import; launch_server is the last public call
+# before it serves (the same seam as validation.py's middleware).
+LAUNCH_TARGET = "sglang.srt.entrypoints.http_server.launch_server"
 
 
 def register() -> None:
-    """Hook for every process; the HTTP route only where the HTTP server runs (the launcher process)."""
-    import multiprocessing
-
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(INTERNAL_STATE_TARGET, _add_turbo_status, HookType.AFTER)
-    if multiprocessing.parent_process() is None:
-        from sglang.srt.entrypoints import http_server
-
-        add_routes(http_server.app)
+    HookRegistry.register(LAUNCH_TARGET, _before_launch_server, HookType.BEFORE)
 
 
 class SpeculatorGauges:
