@@ -10,12 +10,14 @@ It is a benchmark fixture, trained on first use into benchmark/heads/ (about 7 m
 
 The same request stream (seeded held-out prompts: ``--first`` code, then ``--shifted`` records; 64
 prompt tokens, ``--new-tokens`` greedy tokens, EOS ignored, one request at a time, streamed) goes
-through three servers in turn: ``none``; ``static`` (EAGLE3, the code head, 4 steps); ``turbo``
-(TURBO with the same head, auto controller, a fresh speculator directory, learning on). Per
+through four servers in turn: ``none``; ``static`` (EAGLE3, the code head, 4 steps); ``turbo``
+(TURBO with the same head, auto controller, a fresh speculator directory, learning on);
+``turbo-adaptive`` (the same, but the adaptive head always drafts at 4 steps: the learning effect on
+accept length, without the controller's fallback). Per
 request: accept length (completion tokens / verify rounds), output tokens/s, and the gaps between
 streamed chunks (per-token latency: a chunk of k tokens after a gap g gives k tokens of g / k).
-Printed last: TURBO / static accept length and tokens/s on the first domain and on the last
-fifth of the shifted domain, and p99 per-token latency of each. Writes
+Printed last: each TURBO system / static, accept length and tokens/s, on the first domain and on
+the last fifth of the shifted domain, and p99 per-token latency of each. Writes
 benchmark/results/spec/bench_adaptive_spec.json and .png.
 """
 
@@ -48,8 +50,12 @@ def systems(head: Path, speculator_dir: str, update_interval: int) -> dict[str, 
         "none": [],
         "static": ["--speculative-algorithm", "EAGLE3", *spec, "--speculative-eagle-topk", "1",
                    "--speculative-num-draft-tokens", "5"],
-        "turbo": ["--speculative-algorithm", "TURBO", *spec, "--turbo-speculator-dir", speculator_dir,
+        "turbo": ["--speculative-algorithm", "TURBO", *spec, "--turbo-speculator-dir", f"{speculator_dir}/auto",
                   "--turbo-update-interval", str(update_interval)],
+        # the adaptive head always drafting at full lookahead: what learning does to the accept length
+        "turbo-adaptive": ["--speculative-algorithm", "TURBO", *spec, "--turbo-speculator-dir",
+                           f"{speculator_dir}/adaptive", "--turbo-update-interval", str(update_interval),
+                           "--turbo-controller", "adaptive"],
     }
 
 
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--update-interval", type=int, default=256, help="TURBO's --turbo-update-interval")
-    parser.add_argument("--systems", default="none,static,turbo")
+    parser.add_argument("--systems", default="none,static,turbo,turbo-adaptive")
     parser.add_argument("--static-head", type=Path, default=DEFAULT_HEAD)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_adaptive_spec.json")
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     all_systems = systems(head, speculator_dir, args.update_interval)
     names = args.systems.split(",")
     requests: dict[str, list[dict]] = {}
-    final_status = None
+    final_status: dict[str, dict] = {}
     for name in names:
         proc, url = launch_turbo_server(target, all_systems[name])
         try:
@@ -164,13 +170,13 @@ def main(argv: list[str] | None = None) -> dict:
                 if (i + 1) % 20 == 0:
                     recent = summarize(requests[name][-20:])
                     extra = ""
-                    if name == "turbo":
+                    if name.startswith("turbo"):
                         s = turbo_status(url)
                         extra = f"  version {s['version']} mode {s['mode']} heads {s['accept_length']}"
                     print(f"{name:>7} {i + 1:4d}/{len(stream)}: accept {recent['accept_length']:.2f}, "
                           f"{recent['tok_s']:.1f} tok/s{extra}", flush=True)
-            if name == "turbo":
-                final_status = turbo_status(url)
+            if name.startswith("turbo"):
+                final_status[name] = turbo_status(url)
         finally:
             kill_server(proc)
 
@@ -198,10 +204,12 @@ def main(argv: list[str] | None = None) -> dict:
             s = summary[name][phase]
             print(f"{phase:>19} {name:>7}: accept {s['accept_length']:.2f}  {s['tok_s']:6.1f} tok/s  "
                   f"per-token p99 {s['p99_per_token_ms']:.1f} ms (median {s['median_per_token_ms']:.1f})")
-    if "static" in summary and "turbo" in summary:
+    for turbo in [n for n in names if n.startswith("turbo")]:
+        if "static" not in summary:
+            break
         for phase in phases:
-            t, s = summary["turbo"][phase], summary["static"][phase]
-            print(f"TURBO / static, {phase}: accept length {t['accept_length'] / s['accept_length']:.2f}x, "
+            t, s = summary[turbo][phase], summary["static"][phase]
+            print(f"{turbo} / static, {phase}: accept length {t['accept_length'] / s['accept_length']:.2f}x, "
                   f"tokens/s {t['tok_s'] / s['tok_s']:.2f}x, p99 per-token latency "
                   f"{t['p99_per_token_ms']:.1f} vs {s['p99_per_token_ms']:.1f} ms")
     return result

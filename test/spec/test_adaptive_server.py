@@ -135,6 +135,8 @@ def test_status_endpoint_reports_version_mode_heads_replay_and_learner(repeated_
     assert s["replay_buffer_tokens"] >= len(PROMPTS) * N_NEW
     assert s["learner_steps"] > 0 and s["learner_alive"] is True
     assert s["learner"]["state"] in ("idle", "training")
+    # repeated prompts hit prefixes whose draft KV an earlier version wrote: kept, and counted
+    assert s["draft_prefix_hit_tokens"] > 0 and 0 < s["draft_kv_stale_prefix_tokens"] <= s["draft_prefix_hit_tokens"]
 
 
 def test_metrics_carry_the_same_figures(repeated_workload, learning):
@@ -187,11 +189,15 @@ def test_a_prefix_hit_spares_the_draft_prefill_and_keeps_acceptance(restored, po
     ids = tokenizer("".join(PROMPTS.values()) * 2).input_ids  # long enough that a re-prefill would show
     before = status(restored.base_url)["draft_prefill_tokens"]
     first = post_generate(restored.base_url, greedy_payload(ids))
-    middle = status(restored.base_url)["draft_prefill_tokens"]
+    middle = status(restored.base_url)
     second = post_generate(restored.base_url, greedy_payload(ids))
-    after = status(restored.base_url)["draft_prefill_tokens"]
-    assert middle - before >= len(ids) - 1, "the first request prefills its prompt for the draft too"
-    assert after - middle <= 2, f"a cached prefix is not prefilled again by the draft ({after - middle} tokens)"
+    after = status(restored.base_url)
+    assert middle["draft_prefill_tokens"] - before >= len(ids) - 1, "the first request prefills its prompt for the draft too"
+    spared = after["draft_prefill_tokens"] - middle["draft_prefill_tokens"]
+    assert spared <= 2, f"a cached prefix is not prefilled again by the draft ({spared} tokens)"
+    assert after["draft_prefix_hit_tokens"] - middle["draft_prefix_hit_tokens"] >= len(ids) - 2
+    # one head version throughout (static, no learning): the reused draft KV is not stale
+    assert after["draft_kv_stale_prefix_tokens"] == middle["draft_kv_stale_prefix_tokens"]
     assert second["output_ids"] == first["output_ids"]
     assert second["meta_info"]["spec_accept_length"] >= first["meta_info"]["spec_accept_length"]
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from sglang.srt.environ import envs
 from sglang.srt.runtime_context import get_observability
 from sglang.srt.speculative.adaptive_runtime_state import AdaptiveController
 from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
@@ -86,6 +87,10 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         self.last_swap_ms: float | None = None
         self.draft_prefill_tokens = 0
         self.draft_prefix_hit_tokens = 0
+        # Which head version wrote the draft KV of each token slot (-1: none, a plain round skipped it).
+        self.slot_version = torch.full((0,), -1, dtype=torch.int32)
+        self.stale_prefix_tokens = 0  # prefix-hit tokens whose draft KV an older version wrote
+        self.hole_prefix_tokens = 0  # ... that no version wrote
         self.spans_dropped = 0
         self._plan: RoundPlan | None = None
         self._round_started: float | None = None
@@ -173,13 +178,54 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         self.controller.note_request_start()
         if batch.extend_lens is not None:
             self.draft_prefill_tokens += int(sum(batch.extend_lens))
-        if batch.prefix_lens is not None:
+        if batch.prefix_lens is not None and not batch.forward_mode.is_idle():
             self.draft_prefix_hit_tokens += int(sum(batch.prefix_lens))
-        return super()._forward_prefill_batch(batch, *args, **kwargs)
+            self._count_stale_prefix(batch)
+        result = super()._forward_prefill_batch(batch, *args, **kwargs)
+        if batch.out_cache_loc is not None:
+            self._tag_slots(batch.out_cache_loc, self._active_version())
+        return result
+
+    # ------------------------------------------------------------------ draft KV versions
+
+    def _active_version(self) -> int:
+        return self.version if self.slots.active == "adaptive" else 0
+
+    def _tag_slots(self, slots: torch.Tensor, version: int) -> None:
+        slots = slots.to("cpu", torch.int64)
+        if slots.numel() == 0:
+            return
+        need = int(slots.max()) + 1
+        if need > self.slot_version.numel():
+            grown = torch.full((max(need, 2 * self.slot_version.numel()),), -1, dtype=torch.int32)
+            grown[: self.slot_version.numel()] = self.slot_version
+            self.slot_version = grown
+        self.slot_version[slots] = version
+
+    def _count_stale_prefix(self, batch) -> None:
+        """Radix-cache hits whose draft KV another head version (or none) wrote: kept, not recomputed
+        (docs/adaptive_speculator.md has the measurement behind that choice)."""
+        active = self._active_version()
+        table = self.req_to_token_pool.req_to_token
+        for pool_idx, n in zip(batch.req_pool_indices.tolist(), batch.prefix_lens):
+            if n == 0:
+                continue
+            slots = table[pool_idx, :n].to("cpu", torch.int64)
+            versions = torch.full((n,), -1, dtype=torch.int32)
+            known = slots < self.slot_version.numel()
+            versions[known] = self.slot_version[slots[known]]
+            self.hole_prefix_tokens += int((versions < 0).sum())
+            self.stale_prefix_tokens += int(((versions >= 0) & (versions != active)).sum())
 
     def verify(self, batch, pp_proxy_tensors=None, grammar_barrier=None):
         verify_input = batch.spec_info
         result = super().verify(batch, pp_proxy_tensors=pp_proxy_tensors, grammar_barrier=grammar_barrier)
+        if not batch.forward_mode.is_idle():
+            # the draft-extend that follows writes the committed slots with the active head, unless a
+            # plain round skips it (lookahead 0 with upstream's skip switch on: see __init__)
+            skipped = self.speculative_num_steps == 0 and envs.SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND.get()
+            index = result.accept_index
+            self._tag_slots(batch.out_cache_loc[index[index >= 0]], -1 if skipped else self._active_version())
         if self.learner is not None and not batch.forward_mode.is_idle():
             try:
                 self._record(batch, verify_input, result)
@@ -236,6 +282,8 @@ class TurboEagle3Worker(EAGLEWorkerV2):
             "spans_dropped": self.spans_dropped,
             "draft_prefill_tokens": self.draft_prefill_tokens,
             "draft_prefix_hit_tokens": self.draft_prefix_hit_tokens,
+            "draft_kv_stale_prefix_tokens": self.stale_prefix_tokens,
+            "draft_kv_hole_prefix_tokens": self.hole_prefix_tokens,
             "speculator_dir": self.turbo_cfg.speculator_dir,
             "pid": os.getpid(),
         }
