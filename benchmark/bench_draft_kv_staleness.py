@@ -50,6 +50,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: turbo/ is imported from the checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_spec import _cpu_model  # noqa: E402
 
 from turbo.spec.eagle3 import DraftKVCache, Eagle3Head, apply_rope  # noqa: E402
 from turbo.spec.eagle3_train import (  # noqa: E402
@@ -286,13 +288,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,14 +2,18 @@
 
 ATLAS's idea, made concrete for a server whose cost per round we can only measure, not predict:
 
-1. Two heads draft the same way: ``static`` (the shipped head) and ``adaptive`` (the learner's
-   newest version, once one exists). The head with the higher recent accept length drafts; the
-   other is probed for a few rounds every ``probe_every`` rounds so its figure stays current, and
-   a switch needs a ``head_margin`` lead (hysteresis, so noise does not flip heads every probe).
-2. Lookahead: draft ``round(ema accepted drafts) + 1`` steps, within ``[1, max_steps]`` (the user's
-   ``--speculative-num-steps``): one step beyond what is being accepted, as upstream's adaptive
-   steps do, so a rising acceptance is noticed.
-3. Fail-safe: the controller measures output tokens per second per request in speculative rounds
+1. Each head's quality is its per-draft acceptance ``p``: a round that accepted ``a`` of ``s``
+   drafts saw ``a`` accepted drafts and, when ``a < s``, one rejected; ``p`` = EMA(accepted) /
+   EMA(accepted + rejected). Unlike the accept length, this does not depend on the lookahead the
+   round ran with, so heads measured at different lookaheads compare fairly. Reported accept
+   length = ``1 + p + ... + p^max_steps`` (what the head would give at the full lookahead).
+2. Two heads draft the same way: ``static`` (the shipped head) and ``adaptive`` (the learner's
+   newest version, once one exists). The head with the higher ``p`` drafts; the other is probed
+   for a few rounds every ``probe_every`` rounds, and a switch needs a ``head_margin`` lead in
+   accept length (hysteresis, so noise does not flip heads every probe).
+3. Lookahead: ``round(p / (1 - p)) + 1`` steps (one beyond the expected run of accepted drafts),
+   within ``[1, max_steps]`` (the user's ``--speculative-num-steps``); probes run at ``max_steps``.
+4. Fail-safe: the controller measures output tokens per second per request in speculative rounds
    and in plain rounds (lookahead 0: the target verifies only its own last token, i.e. a plain
    decode step). When speculation is slower than plain decoding by ``fallback_margin`` it falls
    back to plain decoding and probes speculation again: when a request starts decoding (its
@@ -71,7 +75,8 @@ class SpeculatorController:
 
     def __init__(self, cfg: ControllerConfig) -> None:
         self.cfg = cfg
-        self.accepted = {h: _Ema(cfg.ema_alpha) for h in HEADS}  # accepted drafts per request per round
+        self.hits = {h: _Ema(cfg.ema_alpha) for h in HEADS}  # accepted drafts per request per round
+        self.trials = {h: _Ema(cfg.ema_alpha) for h in HEADS}  # accepted + rejected drafts per request per round
         self.rate_spec = {h: _Ema(cfg.ema_alpha) for h in HEADS}  # output tokens / s / request, speculating
         self.rate_plain = _Ema(cfg.ema_alpha)  # ... while decoding plainly
         self.head = "static"
@@ -91,7 +96,7 @@ class SpeculatorController:
         """A new adaptive version is in place (published or restored): forget the old version's figure
         and measure the new one at the next opportunity."""
         self.adaptive_ready = ready
-        self.accepted["adaptive"] = _Ema(self.cfg.ema_alpha)
+        self.hits["adaptive"], self.trials["adaptive"] = _Ema(self.cfg.ema_alpha), _Ema(self.cfg.ema_alpha)
         self.rate_spec["adaptive"] = _Ema(self.cfg.ema_alpha)
         self._last_head_probe = -self.cfg.probe_every
         if not ready and self.head == "adaptive":
@@ -108,7 +113,9 @@ class SpeculatorController:
             return
         mean_accepted = sum(accepted_drafts) / len(accepted_drafts)
         if plan.steps > 0:
-            self.accepted[plan.head].update(mean_accepted)
+            rejected = sum(1 for a in accepted_drafts if a < plan.steps) / len(accepted_drafts)
+            self.hits[plan.head].update(mean_accepted)
+            self.trials[plan.head].update(mean_accepted + rejected)
         if seconds is not None and seconds > 0:
             rate = self.rate_spec[plan.head] if plan.steps > 0 else self.rate_plain
             rate.update((mean_accepted + 1) / seconds)
@@ -128,7 +135,7 @@ class SpeculatorController:
         if self._probe:
             return self._probe.pop(0)
         if self.fallback:
-            unmeasured = self.adaptive_ready and self.accepted["adaptive"].value is None
+            unmeasured = self.adaptive_ready and self.p("adaptive") is None
             since = self.rounds - self._fallback_since
             at_request_start, self._request_started = self._request_started, False
             if (at_request_start and (unmeasured or since >= self.cfg.request_probe_gap)) \
@@ -138,7 +145,7 @@ class SpeculatorController:
                 head = self._other(self._fallback_probe_head) if self.adaptive_ready else "static"
                 head = "adaptive" if unmeasured else head
                 self._fallback_probe_head = head
-                self._queue(RoundPlan(head, self._lookahead(head), probe=True))
+                self._queue(RoundPlan(head, self.cfg.max_steps, probe=True))
                 return self._probe.pop(0)
             return RoundPlan(self.head, 0)
         if self.rate_plain.value is None or self.rounds - self._last_plain_probe >= self.cfg.plain_probe_every:
@@ -148,18 +155,30 @@ class SpeculatorController:
         other = self._other(self.head)
         if self.adaptive_ready and self.rounds - self._last_head_probe >= self.cfg.probe_every:
             self._last_head_probe = self.rounds
-            self._queue(RoundPlan(other, self._lookahead(self.head), probe=True))
+            self._queue(RoundPlan(other, self.cfg.max_steps, probe=True))
             return self._probe.pop(0)
         return RoundPlan(self.head, self._lookahead(self.head))
 
     def _queue(self, plan: RoundPlan) -> None:
         self._probe = [plan] * self.cfg.probe_rounds
 
+    def p(self, head: str) -> float | None:
+        """Per-draft acceptance of ``head`` (None before it has drafted)."""
+        hits, trials = self.hits[head].value, self.trials[head].value
+        if hits is None or not trials:
+            return None if hits is None else 1.0
+        return hits / trials
+
+    def accept_length(self, head: str) -> float | None:
+        """Expected tokens per round at the full lookahead, from ``p``."""
+        p = self.p(head)
+        return None if p is None else 1.0 + sum(p**i for i in range(1, self.cfg.max_steps + 1))
+
     def _lookahead(self, head: str) -> int:
-        acc = self.accepted[head].value
-        if acc is None:
+        p = self.p(head)
+        if p is None or p >= 0.999:
             return self.cfg.max_steps
-        return max(1, min(self.cfg.max_steps, round(acc) + 1))
+        return max(1, min(self.cfg.max_steps, round(p / (1 - p)) + 1))
 
     @staticmethod
     def _other(head: str) -> str:
@@ -169,7 +188,7 @@ class SpeculatorController:
         # 1. the better head, with hysteresis
         if self.adaptive_ready:
             other = self._other(self.head)
-            mine, theirs = self.accepted[self.head].value, self.accepted[other].value
+            mine, theirs = self.accept_length(self.head), self.accept_length(other)
             if theirs is not None and (mine is None or theirs > mine + self.cfg.head_margin):
                 self.head = other
         # 2. speculate or not, mirrored margins so one noisy round does not toggle
@@ -196,7 +215,8 @@ class SpeculatorController:
             "lookahead": 0 if self.fallback else self._lookahead(self.head),
             "max_steps": self.cfg.max_steps,
             "rounds": self.rounds,
-            "accept_length": {h: r(None if e.value is None else e.value + 1) for h, e in self.accepted.items()},
+            "accept_length": {h: r(self.accept_length(h)) for h in HEADS},
+            "draft_acceptance": {h: r(self.p(h)) for h in HEADS},
             "tokens_per_s_per_request": {**{h: r(e.value) for h, e in self.rate_spec.items()},
                                          "plain": r(self.rate_plain.value)},
         }

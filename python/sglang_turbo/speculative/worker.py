@@ -161,8 +161,9 @@ class TurboEagle3Worker(EAGLEWorkerV2):
             if published is not None:
                 self._install(published.version, published.state_dict)
         plan = self.controller.plan()
-        if plan.steps > 0:
-            self.slots.activate(plan.head)
+        # Also in plain rounds: the head that leads then is the one a new request's prefill extends
+        # with, and whose draft of the first token the request's first probe uses.
+        self.slots.activate(plan.head)
         self._plan, self._round_started, self._round_accepted, self._timed = plan, now, None, True
         if self.gauges is not None and self.controller.rounds % GAUGE_EVERY_ROUNDS == 1:
             self.gauges.update(self.turbo_status())
@@ -269,6 +270,7 @@ class TurboEagle3Worker(EAGLEWorkerV2):
             "mode": controller["mode"],
             "lookahead": controller["lookahead"],
             "accept_length": controller["accept_length"],
+            "draft_acceptance": controller["draft_acceptance"],
             "tokens_per_s_per_request": controller["tokens_per_s_per_request"],
             "rounds": controller["rounds"],
             "learning": self.learner is not None,
