@@ -143,3 +143,16 @@ def test_status_reports_mode_lookahead_and_each_heads_accept_length():
     assert status["accept_length"]["static"] == pytest.approx(5.0, abs=0.01)  # 4 drafts + the bonus token
     assert status["accept_length"]["adaptive"] is None
     assert status["lookahead"] == 4
+
+
+def test_a_new_version_starts_from_its_predecessors_figure_and_is_probed_soon():
+    ctrl = SpeculatorController(ControllerConfig(max_steps=4, probe_every=1000))
+    ctrl.set_adaptive_ready()
+    server = SimulatedServer({"static": 0.8, "adaptive": 0.5})
+    drive(ctrl, server, 200)
+    before = ctrl.p("adaptive")
+    assert before is not None and ctrl.mode == "static"
+    ctrl.set_adaptive_ready()  # version 2
+    assert ctrl.p("adaptive") == before
+    plans = drive(ctrl, server, 10)
+    assert any(p.head == "adaptive" and p.probe for p in plans), "a new version is measured at once"

@@ -37,8 +37,10 @@ POLICIES = ("auto", "static", "adaptive")
 @dataclass(frozen=True)
 class ControllerConfig:
     max_steps: int  # the user's --speculative-num-steps: lookahead never exceeds it
-    ema_alpha: float = 0.25
-    warmup_rounds: int = 4  # rounds on the static head at max_steps before the first decision
+    ema_alpha: float = 0.25  # acceptance figures
+    rate_alpha: float = 0.1  # tokens/s figures: a round's rate is noisier than its acceptance
+    warmup_rounds: int = 8  # rounds on the static head at max_steps before the first decision
+    min_timed_rounds: int = 8  # timed speculative rounds of a head before it may be judged slower than plain
     probe_rounds: int = 3  # rounds per probe (the other head, plain decoding, or speculation in fallback)
     probe_every: int = 24  # rounds between probes of the head not drafting
     plain_probe_every: int = 96  # rounds between re-measurements of plain decoding while speculating
@@ -77,8 +79,9 @@ class SpeculatorController:
         self.cfg = cfg
         self.hits = {h: _Ema(cfg.ema_alpha) for h in HEADS}  # accepted drafts per request per round
         self.trials = {h: _Ema(cfg.ema_alpha) for h in HEADS}  # accepted + rejected drafts per request per round
-        self.rate_spec = {h: _Ema(cfg.ema_alpha) for h in HEADS}  # output tokens / s / request, speculating
-        self.rate_plain = _Ema(cfg.ema_alpha)  # ... while decoding plainly
+        self.rate_spec = {h: _Ema(cfg.rate_alpha) for h in HEADS}  # output tokens / s / request, speculating
+        self.rate_plain = _Ema(cfg.rate_alpha)  # ... while decoding plainly
+        self.timed_rounds = {h: 0 for h in HEADS}  # speculative rounds whose time was measured
         self.head = "static"
         self.fallback = False
         self.adaptive_ready = False
@@ -93,11 +96,10 @@ class SpeculatorController:
     # ------------------------------------------------------------------ inputs
 
     def set_adaptive_ready(self, ready: bool = True) -> None:
-        """A new adaptive version is in place (published or restored): forget the old version's figure
-        and measure the new one at the next opportunity."""
+        """A new adaptive version is in place (published or restored): measure it at the next
+        opportunity. Its predecessor's figure is kept as the starting point (versions follow each
+        other closely; forgetting it left each version with a few noisy probe rounds, measured)."""
         self.adaptive_ready = ready
-        self.hits["adaptive"], self.trials["adaptive"] = _Ema(self.cfg.ema_alpha), _Ema(self.cfg.ema_alpha)
-        self.rate_spec["adaptive"] = _Ema(self.cfg.ema_alpha)
         self._last_head_probe = -self.cfg.probe_every
         if not ready and self.head == "adaptive":
             self.head = "static"
@@ -119,6 +121,8 @@ class SpeculatorController:
         if seconds is not None and seconds > 0:
             rate = self.rate_spec[plan.head] if plan.steps > 0 else self.rate_plain
             rate.update((mean_accepted + 1) / seconds)
+            if plan.steps > 0:
+                self.timed_rounds[plan.head] += 1
         if self.cfg.policy == "auto" and (not plan.probe or not self._probe):
             self._decide()
 
@@ -195,6 +199,8 @@ class SpeculatorController:
         spec, plain = self.rate_spec[self.head].value, self.rate_plain.value
         if spec is None or plain is None:
             return
+        if not self.fallback and self.timed_rounds[self.head] < self.cfg.min_timed_rounds:
+            return  # too few rounds to call speculation slower
         if not self.fallback and spec < plain * (1 - self.cfg.fallback_margin):
             self.fallback, self._fallback_since = True, self.rounds
         elif self.fallback and spec > plain * (1 + self.cfg.fallback_margin):
