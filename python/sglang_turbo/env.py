@@ -40,12 +40,7 @@ def kv_budget_bytes() -> int:
 
 
 def torch_threads() -> int:
-    raw = os.environ.get("SGLANG_TURBO_THREADS")
-    if raw:
-        if not raw.isdigit() or int(raw) < 1:
-            raise ValueError(f"SGLANG_TURBO_THREADS must be a positive integer, got {raw!r}")
-        return int(raw)
-    return max(1, len(os.sched_getaffinity(0)))
+    return _positive_int("SGLANG_TURBO_THREADS", max(1, len(os.sched_getaffinity(0))))
 
 
 OMP_SPIN_COUNT = "5000"
