@@ -24,6 +24,7 @@ class TurboServeConfig:
     is answered by the launcher before parsing."""
 
     kv_budget_gb: float | None = None  # --turbo-kv-budget-gb  <->  SGLANG_TURBO_KV_BUDGET_GB
+    allreduce_delay_us: float | None = None  # --turbo-allreduce-delay-us  <->  SGLANG_TURBO_ALLREDUCE_DELAY_US
     # TURBO speculator (turbo.spec.adaptive_config.AdaptiveSpecConfig validates them)
     speculator_dir: str | None = None  # --turbo-speculator-dir  <->  SGLANG_TURBO_SPECULATOR_DIR
     replay_tokens: int | None = None  # --turbo-replay-tokens  <->  SGLANG_TURBO_REPLAY_TOKENS
@@ -34,6 +35,8 @@ class TurboServeConfig:
     def __post_init__(self) -> None:
         if self.kv_budget_gb is not None and self.kv_budget_gb <= 0:
             raise ValueError(f"--turbo-kv-budget-gb must be > 0, got {self.kv_budget_gb}")
+        if self.allreduce_delay_us is not None and self.allreduce_delay_us < 0:
+            raise ValueError(f"--turbo-allreduce-delay-us must be >= 0, got {self.allreduce_delay_us}")
         from turbo.spec.adaptive_config import AdaptiveSpecConfig
 
         defaults = AdaptiveSpecConfig()
@@ -48,6 +51,8 @@ class TurboServeConfig:
         env = {}
         if self.kv_budget_gb is not None:
             env["SGLANG_TURBO_KV_BUDGET_GB"] = str(self.kv_budget_gb)
+        if self.allreduce_delay_us is not None:
+            env["SGLANG_TURBO_ALLREDUCE_DELAY_US"] = str(self.allreduce_delay_us)
         if self.speculator_dir is not None:
             env["SGLANG_TURBO_SPECULATOR_DIR"] = os.path.abspath(os.path.expanduser(self.speculator_dir))
         if self.replay_tokens is not None:
@@ -71,6 +76,12 @@ def add_turbo_args(parser: argparse.ArgumentParser) -> None:
         "--turbo-kv-budget-gb", type=float, default=None, metavar="GB",
         help="On the portable CPU platform, memory the KV pool may take when --max-total-tokens "
         "is not given (default 1; env SGLANG_TURBO_KV_BUDGET_GB).",
+    )
+    group.add_argument(
+        "--turbo-allreduce-delay-us", type=float, default=None, metavar="US",
+        help="Simulate a slower interconnect: every tensor-parallel all-reduce takes at least US microseconds "
+        "from issue to result (upstream's synchronous ones and the ladder's asynchronous ones alike; "
+        "default 0, the real link; docs/ladder.md).",
     )
     spec = parser.add_argument_group(
         "turbo speculator", "the adaptive speculator of --speculative-algorithm TURBO (docs/adaptive_spec.md)"
@@ -150,7 +161,8 @@ def split_turbo_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[
     ns = parser.parse_args(argv)
     try:
         cfg = TurboServeConfig(
-            kv_budget_gb=ns.turbo_kv_budget_gb, speculator_dir=ns.turbo_speculator_dir,
+            kv_budget_gb=ns.turbo_kv_budget_gb, allreduce_delay_us=ns.turbo_allreduce_delay_us,
+            speculator_dir=ns.turbo_speculator_dir,
             replay_tokens=ns.turbo_replay_tokens, update_interval=ns.turbo_update_interval,
             disable_learning=ns.turbo_disable_learning, controller=ns.turbo_controller,
         )

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from . import env
+from .distributed import apply_cpu_tp_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def apply_cpu_defaults(args) -> None:
     args.sleep_on_idle = True
     # Runs in the launcher before the scheduler process is spawned, so the scheduler inherits it.
     env.bound_omp_spin()
+    apply_cpu_tp_defaults(args)  # several ranks on this node: each gets its share of the cores
     if not _user_set(args, "max_total_tokens") and args.model_path:
         args.max_total_tokens = default_pool_tokens(str(args.model_path), args.dtype)
     logger.info(

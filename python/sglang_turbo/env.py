@@ -10,6 +10,8 @@
 | ``SGLANG_TURBO_UPDATE_INTERVAL`` | TURBO: new replay positions between published versions | 1024 |
 | ``SGLANG_TURBO_LEARNING`` | TURBO: ``off`` serves without training | on |
 | ``SGLANG_TURBO_CONTROLLER`` | TURBO: ``auto``, ``static`` or ``adaptive`` | auto |
+| ``SGLANG_TURBO_ALLREDUCE_DELAY_US`` | simulated interconnect: every tensor-parallel all-reduce takes at least this long | 0 |
+| ``SGLANG_TURBO_LADDER_TRACE`` | tests: ladder models write one forward's compute/all-reduce event order to ``PATH.rankN.json`` | none |
 | ``SGLANG_TURBO_LEARNER_FAULT`` | tests only: ``crash@N`` / ``hang@N`` injects a learner fault at step N | none |
 | ``GOMP_SPINCOUNT`` (libgomp's own) | set to 5000 for SGLang's child processes unless it or ``OMP_WAIT_POLICY`` is set | |
 """
@@ -83,6 +85,22 @@ def adaptive_spec_config():
         learning=os.environ.get("SGLANG_TURBO_LEARNING", "on").strip().lower() not in ("off", "0", "false", "no"),
         controller=os.environ.get("SGLANG_TURBO_CONTROLLER", "auto").strip().lower(),
     )
+
+
+def allreduce_delay_s() -> float:
+    """Seconds every tensor-parallel all-reduce takes at least, from issue to result (0: the real link)."""
+    raw = os.environ.get("SGLANG_TURBO_ALLREDUCE_DELAY_US", "0").strip() or "0"
+    try:
+        us = float(raw)
+    except ValueError:
+        raise ValueError(f"SGLANG_TURBO_ALLREDUCE_DELAY_US must be a number of microseconds, got {raw!r}") from None
+    if us < 0:
+        raise ValueError(f"SGLANG_TURBO_ALLREDUCE_DELAY_US must be >= 0, got {raw!r}")
+    return us * 1e-6
+
+
+def ladder_trace_path() -> str | None:
+    return os.environ.get("SGLANG_TURBO_LADDER_TRACE") or None
 
 
 def learner_fault() -> str | None:

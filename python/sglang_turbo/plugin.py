@@ -20,9 +20,11 @@ def portable_platform_active() -> bool:
 
 @functools.cache  # SGLang calls this in every process; a second call is a no-op
 def register() -> None:
-    from . import attention, speculative, validation
+    from . import attention, distributed, models, speculative, validation
 
     attention.register()  # --attention-backend turbo_native
+    models.register()  # LadderLlamaForCausalLM, registered at the first model lookup
+    distributed.register()  # --turbo-allreduce-delay-us: the simulated slow interconnect
     validation.register()  # request checks upstream lacks
     speculative.register_algorithm()  # --speculative-algorithm TURBO
     if portable_platform_active():

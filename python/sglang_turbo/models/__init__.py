@@ -1,0 +1,37 @@
+"""Model classes we add to SGLang's model registry (see docs/plugins.md).
+
+Each module here defines ``EntryClass``; ``ModelRegistry.register("sglang_turbo.models", strict=True)``
+maps its class name (a config.json architecture) to it. Registration is deferred to the first model
+lookup: ``sglang.srt.models.registry`` imports every upstream model at import time, which only the
+processes that load a model (the schedulers) should pay for.
+"""
+
+from __future__ import annotations
+
+import functools
+
+PACKAGE = __name__
+
+# SEAM: the registry has no lazy entry point for an out-of-tree package other than the
+# SGLANG_EXTERNAL_MODEL_PACKAGE variable (which would take the user's own); a BEFORE hook on the one
+# function every model load goes through registers ours first.
+ARCHITECTURE_TARGET = "sglang.srt.model_loader.utils.get_model_architecture"
+
+
+@functools.cache
+def register_models() -> None:
+    """Adds our architectures to SGLang's ModelRegistry (once per process; strict: import errors raise)."""
+    from sglang.srt.models.registry import ModelRegistry
+
+    ModelRegistry.register(PACKAGE, strict=True)
+
+
+def _before_get_model_architecture(*args, **kwargs):
+    register_models()
+    return None  # arguments unchanged
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(ARCHITECTURE_TARGET, _before_get_model_architecture, HookType.BEFORE)
