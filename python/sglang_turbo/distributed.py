@@ -81,10 +81,9 @@ def register() -> None:
         HookRegistry.register(ALL_REDUCE_TARGET, _around_all_reduce, HookType.AROUND)
 
 
-def ranks_per_node(args) -> int:
-    """Scheduler processes one node runs for these server args (tensor x pipeline x data parallel)."""
-    ranks = args.tp_size * args.pp_size * (1 if args.enable_dp_attention else args.dp_size)
-    return max(1, ranks // max(1, args.nnodes))
+def world_ranks(args) -> int:
+    """Scheduler processes of the whole deployment (tensor x pipeline x data parallel), as upstream counts."""
+    return args.tp_size * args.pp_size * (1 if args.enable_dp_attention else args.dp_size)
 
 
 def cpu_rank_split(n_ranks: int, cpus: list[int]) -> list[list[int]]:
@@ -101,12 +100,14 @@ def cpu_rank_split(n_ranks: int, cpus: list[int]) -> list[list[int]]:
 
 
 def apply_cpu_tp_defaults(args) -> None:
-    """With more than one rank on this node, tell upstream which cores each rank owns and give each
-    rank's torch that many threads; a user's ``SGLANG_CPU_OMP_THREADS_BIND`` / ``SGLANG_TURBO_THREADS``
-    wins. Upstream otherwise asserts one NUMA node per rank (``numa_utils.init_threads_binding``)."""
-    n = ranks_per_node(args)
-    if n == 1:
+    """With more than one rank, tell upstream which cores each rank of this node owns, and with more than
+    one on this node give each rank's torch that many threads; a user's ``SGLANG_CPU_OMP_THREADS_BIND`` /
+    ``SGLANG_TURBO_THREADS`` wins. Without this, upstream asserts one NUMA node per rank of the whole
+    deployment (``numa_utils.init_threads_binding``), which fails on any single-socket CPU."""
+    if world_ranks(args) == 1:
         return
-    groups = cpu_rank_split(n, sorted(os.sched_getaffinity(0)))
+    on_this_node = max(1, world_ranks(args) // max(1, args.nnodes))
+    groups = cpu_rank_split(on_this_node, sorted(os.sched_getaffinity(0)))
     os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", "|".join(",".join(map(str, g)) for g in groups))
-    os.environ.setdefault("SGLANG_TURBO_THREADS", str(min(len(g) for g in groups)))
+    if on_this_node > 1:
+        os.environ.setdefault("SGLANG_TURBO_THREADS", str(min(len(g) for g in groups)))

@@ -119,11 +119,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m sglang_turbo.laun
     except ValueError as e:
         parser.error(str(e))
     model = str(server_args.model_path)
-    threading.Thread(
-        target=_print_usage_when_ready,
-        args=(server_args.url(), os.path.basename(model.rstrip("/")), server_args.api_key),
-        daemon=True,
-    ).start()
+    if server_args.node_rank == 0:  # other nodes serve no HTTP API, only upstream's health probe
+        threading.Thread(
+            target=_print_usage_when_ready,
+            args=(server_args.url(), os.path.basename(model.rstrip("/")), server_args.api_key),
+            daemon=True,
+        ).start()
     try:
         run_server(server_args)
     finally:

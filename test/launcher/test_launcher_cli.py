@@ -44,7 +44,7 @@ def test_help_lists_upstream_launch_server_flags(help_text, flag):
 
 def test_help_shows_turbos_own_group_with_its_flags(help_text):
     group = help_text[help_text.index("turbo:"):] if "turbo:" in help_text else ""
-    missing = [f for f in ("--turbo-list-models", "--turbo-kv-budget-gb") if f not in group]
+    missing = [f for f in ("--turbo-list-models", "--turbo-kv-budget-gb", "--turbo-allreduce-delay-us") if f not in group]
     assert group and not missing, f"turbo group present: {bool(group)}; flags missing from it: {missing}"
 
 
@@ -63,7 +63,8 @@ def test_help_of_the_console_script_serve_command_is_the_launchers():
     (["--turbo-kv-budget", "1"], "--turbo-kv-budget"),
     (["--tp-size", "two"], "--tp-size"),
     (["--turbo-kv-budget-gb", "-1"], "--turbo-kv-budget-gb"),
-], ids=["misspelled-upstream-flag", "misspelled-turbo-flag", "bad-upstream-value", "bad-turbo-value"])
+    (["--turbo-allreduce-delay-us", "-3"], "--turbo-allreduce-delay-us"),
+], ids=["misspelled-upstream-flag", "misspelled-turbo-flag", "bad-upstream-value", "bad-turbo-value", "negative-delay"])
 def test_a_bad_flag_is_a_cli_error_naming_the_flag(argv, named):
     proc = run(LAUNCHER + ["--model-path", "/models/any"] + argv)
     assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr, \

@@ -107,16 +107,19 @@ def zoo_language_models() -> list[str]:
 
 
 def zoo_role(name: str) -> str:
-    """What a shipped name is, in a few words: "model", "draft model of X" or "EAGLE3 head of X"."""
+    """What a shipped name is, in a few words: "model", "draft model of X", "EAGLE3 head of X" or
+    "Ladder-Residual model adapted from X"."""
     if name in PRESETS:
         teacher = PRESETS[name].teacher
         return f"draft model of {teacher}" if teacher else "model"
     path = zoo_path(name)
     config = json.loads((path / "config.json").read_text())
-    if any("Eagle3" in arch for arch in config.get("architectures") or []):
-        recipe = path / "recipe.json"
-        target = json.loads(recipe.read_text()).get("target") if recipe.is_file() else None
-        return f"EAGLE3 head of {target or 'an unrecorded target'}"
+    archs = config.get("architectures") or []
+    recipe = json.loads((path / "recipe.json").read_text()) if (path / "recipe.json").is_file() else {}
+    if any("Eagle3" in arch for arch in archs):
+        return f"EAGLE3 head of {recipe.get('target') or 'an unrecorded target'}"
+    if "LadderLlamaForCausalLM" in archs:
+        return f"Ladder-Residual model adapted from {recipe.get('base') or 'an unrecorded model'}"
     return "model"
 
 
