@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from turbo.llama import MLP, Attention, LlamaShape, RMSNorm, rope_tables
 
 from .residual import Communicator, LocalCommunicator, SubLayer, residual_stream
 
@@ -32,23 +33,13 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
 @dataclass(frozen=True)
-class LadderLlamaConfig:
-    """The fields of a transformers Llama config.json the math needs, plus ``ladder_start_layer``."""
+class LadderLlamaConfig(LlamaShape):
+    """A Llama's shape plus ``ladder_start_layer``."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10_000.0
-    tie_word_embeddings: bool = True
     ladder_start_layer: int = 0  # layers >= this run the ladder schedule; num_hidden_layers = plain Llama
 
     def __post_init__(self) -> None:
-        assert self.num_attention_heads % self.num_key_value_heads == 0, "GQA needs n_heads % n_kv_heads == 0"
+        super().__post_init__()
         if not 0 <= self.ladder_start_layer <= self.num_hidden_layers:
             raise ValueError(
                 f"ladder_start_layer must be in [0, {self.num_hidden_layers}] for a {self.num_hidden_layers}-layer "
@@ -62,79 +53,10 @@ class LadderLlamaConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> LadderLlamaConfig:
         """From a transformers Llama config.json (plain Llama configs give ``ladder_start_layer = n``)."""
-        n_layers = int(cfg["num_hidden_layers"])
-        n_heads = int(cfg["num_attention_heads"])
+        fields = LlamaShape.hf_fields(cfg)
         is_ladder = ARCHITECTURE in (cfg.get("architectures") or [])
-        rope = cfg.get("rope_parameters") or {}
-        return cls(
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10_000.0),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            ladder_start_layer=int(cfg.get("ladder_start_layer", 0)) if is_ladder else n_layers,
-        )
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
-def rope_tables(seqlen: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of rotary position embedding (Llama's half-split layout): each (seqlen, head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seqlen, dtype=torch.float32), inv_freq)  # (seqlen, head_dim / 2)
-    angles = torch.cat([angles, angles], dim=-1)  # (seqlen, head_dim)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (bsz, n_heads, seqlen, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: LadderLlamaConfig) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
-        q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)  # (bsz, n_heads, seqlen, head_dim)
-        k = self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: LadderLlamaConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        start = int(cfg.get("ladder_start_layer", 0)) if is_ladder else fields["num_hidden_layers"]
+        return cls(**fields, ladder_start_layer=start)
 
 
 class DecoderLayer(nn.Module):
