@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from turbo.zoo.distill import distill_loss
 from turbo.zoo.presets import PRESETS, WEIGHTS_DIR, zoo_path
 from turbo.zoo.train import build_streams, create_optimizer, lr_at, perplexity, plot_losses, sample_windows, start_run
 
@@ -84,12 +84,8 @@ def adaptation_loss(cfg: LadderAdaptConfig, student, teacher, rows: torch.Tensor
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = student(inputs).logits  # (bsz, seqlen, vocab)
         with torch.no_grad():
-            teacher_logits = teacher(inputs).logits if cfg.kl_weight > 0 else None
-    logits = logits.float().flatten(0, 1)
-    loss = (1 - cfg.kl_weight) * F.cross_entropy(logits, targets.flatten()) if cfg.kl_weight < 1 else 0.0
-    if teacher_logits is not None:
-        log_p = F.log_softmax(teacher_logits.float().flatten(0, 1), dim=-1)
-        loss = loss + cfg.kl_weight * F.kl_div(F.log_softmax(logits, -1), log_p, log_target=True, reduction="batchmean")
+            teacher_logits = teacher(inputs).logits
+    loss, _kl = distill_loss(logits, teacher_logits, targets, ce_weight=1.0 - cfg.kl_weight)
     return loss
 
 
