@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from turbo.zoo.distill import distill_loss
+from turbo.zoo.finetune import finetune_toward_teacher
 from turbo.zoo.presets import PRESETS, WEIGHTS_DIR, zoo_path
-from turbo.zoo.train import build_streams, create_optimizer, lr_at, perplexity, plot_losses, sample_windows, start_run
+from turbo.zoo.train import build_streams, perplexity, plot_losses, start_run
 
 from .convert import convert
 from .model import load_hf_config, load_model, save_model
@@ -78,17 +77,6 @@ LADDER_PRESETS: dict[str, LadderAdaptConfig] = {
 }
 
 
-def adaptation_loss(cfg: LadderAdaptConfig, student, teacher, rows: torch.Tensor) -> torch.Tensor:
-    """The step-4 loss on one batch of windows ``rows``: (bsz, seqlen + 1)."""
-    inputs, targets = rows[:, :-1], rows[:, 1:]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = student(inputs).logits  # (bsz, seqlen, vocab)
-        with torch.no_grad():
-            teacher_logits = teacher(inputs).logits
-    loss, _kl = distill_loss(logits, teacher_logits, targets, ce_weight=1.0 - cfg.kl_weight)
-    return loss
-
-
 def adapt(cfg: LadderAdaptConfig, out_dir: Path, threads: int | None = None) -> dict:
     """Runs the whole recipe into ``out_dir``; returns the results written to recipe.json."""
     started = start_run(cfg, out_dir, threads)
@@ -104,28 +92,13 @@ def adapt(cfg: LadderAdaptConfig, out_dir: Path, threads: int | None = None) -> 
 
     # 3. perplexity before
     teacher = load_model(base_dir)
-    student = load_model(out_dir).train()
+    student = load_model(out_dir)
     ppl_base = {d: perplexity(teacher, s, base_preset.seq_len) for d, s in heldout.items()}
     ppl_converted = {d: perplexity(student, s, base_preset.seq_len) for d, s in heldout.items()}
-    teacher.eval()
     logger.info("held-out perplexity: base %s, converted before adaptation %s", ppl_base, ppl_converted)
 
     # 4. fine-tune
-    opt = create_optimizer(cfg, student)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc=f"adapt {cfg.name}", unit="step")
-    for step in bar:
-        rows = sample_windows(base_preset, stream, gen)  # (bsz, seqlen+1)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        loss = adaptation_loss(cfg, student, teacher, rows)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    losses = finetune_toward_teacher(student, teacher, stream, cfg, desc=f"adapt {cfg.name}")
 
     # 5. perplexity after, and save
     ppl_adapted = {d: perplexity(student, s, base_preset.seq_len) for d, s in heldout.items()}
