@@ -93,6 +93,47 @@ def launch_turbo_server(
                            f"--- tail of {log_path} ---\n{log_tail(log_path)}")
 
 
+def launch_turbo_nodes(
+    model_path: str | os.PathLike,
+    extra_args: list[str] | tuple[str, ...] = (),
+    nnodes: int = 1,
+    timeout_s: float = 300,
+    env: dict[str, str] | None = None,
+    log_dir: str | os.PathLike | None = None,
+) -> tuple[list[subprocess.Popen], str]:
+    """Like :func:`launch_turbo_server`, as ``nnodes`` launchers on this machine (``--nnodes N --node-rank
+    i --dist-init-addr 127.0.0.1:PORT``), as a multi-node deployment runs one per host.
+
+    Returns ``(processes, base_url of node 0)``; nodes 1.. are started first (node 0 is healthy only once
+    they joined). On failure every node is killed and :class:`ServerStartError` names the logs.
+    """
+    if nnodes == 1:
+        proc, url = launch_turbo_server(model_path, extra_args, timeout_s=timeout_s, env=env, log_dir=log_dir)
+        return [proc], url
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="sglang-turbo-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    node_flags = [*extra_args, "--nnodes", str(nnodes), "--dist-init-addr", f"127.0.0.1:{free_port()}"]
+    others = []
+    for rank in range(1, nnodes):
+        log_path = log_dir / f"node{rank}.log"
+        cmd = [sys.executable, "-m", "sglang_turbo.launch_server", "--model-path", str(model_path),
+               "--host", "127.0.0.1", "--port", str(free_port()), *node_flags, "--node-rank", str(rank)]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                    start_new_session=True)
+        proc.log_path = str(log_path)
+        others.append(proc)
+    try:
+        proc, url = launch_turbo_server(model_path, [*node_flags, "--node-rank", "0"], timeout_s=timeout_s,
+                                        env=env, log_dir=log_dir)
+    except ServerStartError as e:
+        for p in others:
+            kill_server(p)
+        tails = "".join(f"\n--- tail of {p.log_path} ---\n{log_tail(p.log_path, 2000)}" for p in others)
+        raise ServerStartError(f"{e}{tails}") from None
+    return [proc, *others], url
+
+
 def kill_server(proc: subprocess.Popen | None, timeout_s: float = 20) -> None:
     """Stops a launched server and every process it spawned (scheduler, detokenizer).
 

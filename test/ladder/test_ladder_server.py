@@ -11,9 +11,6 @@ parametrized fixture), each with a small KV pool.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +19,7 @@ import pytest
 import requests
 import torch
 
-from sglang_turbo.server_process import ServerStartError, free_port, kill_server, launch_turbo_server
+from sglang_turbo.server_process import ServerStartError, kill_server, launch_turbo_nodes
 from turbo.ladder.comm import TraceLog, overlapped
 from turbo.ladder.model import load_model
 from turbo.zoo.presets import zoo_path
@@ -65,39 +62,19 @@ class Served:
     trace_prefix: Path
 
 
-def launch_config(cfg: Config, log_dir: Path, trace_prefix: Path):
-    """Starts the launchers of one configuration; returns (processes, base URL of node 0)."""
-    env = {"SGLANG_TURBO_LADDER_TRACE": str(trace_prefix)}
-    flags = ["--tp-size", str(cfg.tp_size), *COMMON_FLAGS]
-    procs = []
-    if cfg.nnodes == 2:
-        # NOTE: two "nodes" on one machine: one core each, as two hosts would each have their own.
-        env["SGLANG_TURBO_THREADS"] = "1"
-        dist = f"127.0.0.1:{free_port()}"
-        flags += ["--nnodes", "2", "--dist-init-addr", dist]
-        node1_log = open(log_dir / "node1.log", "wb")
-        cmd = [sys.executable, "-m", "sglang_turbo.launch_server", "--model-path", str(zoo_path(cfg.model)),
-               "--host", "127.0.0.1", "--port", str(free_port()), *flags, "--node-rank", "1"]
-        node1 = subprocess.Popen(cmd, stdout=node1_log, stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**os.environ, **env})
-        procs.append(node1)
-        flags += ["--node-rank", "0"]
-    try:
-        proc, url = launch_turbo_server(zoo_path(cfg.model), flags, timeout_s=300, env=env, log_dir=log_dir)
-    except ServerStartError as e:
-        for p in procs:
-            kill_server(p)
-        pytest.fail(f"{e}\n--- node 1 ---\n{(log_dir / 'node1.log').read_text()[-3000:] if procs else ''}",
-                    pytrace=False)
-    return [proc, *procs], url
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def served(request, tmp_path_factory):
     cfg = CONFIGS[request.param]
     log_dir = tmp_path_factory.mktemp(request.param)
     trace_prefix = log_dir / "trace"
-    procs, url = launch_config(cfg, log_dir, trace_prefix)
+    env = {"SGLANG_TURBO_LADDER_TRACE": str(trace_prefix)}
+    if cfg.nnodes > 1:
+        env["SGLANG_TURBO_THREADS"] = "1"  # two "nodes" on one machine: one core each, as two hosts would
+    flags = ["--tp-size", str(cfg.tp_size), *COMMON_FLAGS]
+    try:
+        procs, url = launch_turbo_nodes(zoo_path(cfg.model), flags, nnodes=cfg.nnodes, env=env, log_dir=log_dir)
+    except ServerStartError as e:
+        pytest.fail(str(e), pytrace=False)
     try:
         yield Served(cfg, url, trace_prefix)
     finally:
