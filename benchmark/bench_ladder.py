@@ -1,6 +1,6 @@
 """Ladder-Residual against standard-residual tensor parallelism, same weights, side by side.
 
-    python benchmark/bench_ladder.py                                  # ~12 min on the 2-core CPU machine
+    python benchmark/bench_ladder.py                                  # ~15 min on the 2-core CPU machine
     python benchmark/bench_ladder.py --topologies 1node --delays-us 0,1000 --batch 1
 
 Systems (both TP2, on the portable platform, gloo all-reduce):
@@ -13,14 +13,16 @@ launchers on this machine, one core each). Interconnect: the real loopback link,
 one (``--turbo-allreduce-delay-us D``: every TP all-reduce takes at least D from issue to result, on
 both systems alike).
 
-Per system, topology, delay and batch: decode output tokens/s (``batch`` requests in flight, 32-token
-prompts, 64 new tokens, greedy, EOS ignored) and time to first token (256-token prompts, one new token,
-median). Each run flushes the radix cache and uses seeded prompts shared by every system. Printed last:
-ladder / standard for each, next to the bound (T0 + n d) / (max(T0, m d) + (n - m) d): T0 is the
-standard system's measured time per decode step at delay 0, n = 2L + 1 all-reduces per step (one per
-attention and MLP, one in the embedding), m = 2L - 1 of which the ladder can overlap (not the embedding's,
-not the last sub-layer's). The script also checks that each system's greedy tokens are identical across
-topologies and delays. Writes benchmark/results/ladder/bench_ladder.json and .png.
+A link probe runs first: two gloo processes (one thread each, as the server ranks) time one TP2 MLP
+sub-layer's compute at turbo-tiny's shapes (C) and one all-reduce of its output (M). Then, per topology
+and delay, both systems' servers run at once and are measured alternately (A B, B A, ... ``--repeats``
+times; only one is busy at a time), so every ratio pairs two runs under the same machine conditions:
+decode output tokens/s (``batch`` requests in flight, 32-token prompts, 64 new tokens, greedy, EOS
+ignored) and time to first token (256-token prompts, one new token, median of 5). Printed last:
+ladder / standard, the median of the paired ratios with their range, next to the per-sub-layer bound
+(C + M') / max(C, M') with M' = max(M, delay): what overlapping one all-reduce with the next sub-layer's
+compute can give at most. The script also checks that each system's greedy tokens are identical across
+topologies, delays and repeats. Writes benchmark/results/ladder/bench_ladder.json and .png.
 """
 
 from __future__ import annotations
@@ -99,10 +101,53 @@ def ttft_run(url: str, long_prompts: list[list[int]]) -> dict:
     return {"ttft_ms": statistics.median(samples), "samples_ms": samples}
 
 
-def bound(t0_ms: float, delay_ms: float, n_layers: int) -> float:
-    """(T0 + n d) / (max(T0, m d) + (n - m) d): the most a one-sub-layer overlap can give."""
-    n, m = 2 * n_layers + 1, 2 * n_layers - 1
-    return (t0_ms + n * delay_ms) / (max(t0_ms, m * delay_ms) + (n - m) * delay_ms)
+def bound(compute_us: float, comm_us: float) -> float:
+    """(C + M) / max(C, M): the most one sub-layer gains when its all-reduce (M) runs beside the next
+    sub-layer's compute (C) instead of after it."""
+    return (compute_us + comm_us) / max(compute_us, comm_us)
+
+
+def _probe_rank(rank: int, port: int, batches: list[int], hidden: int, inter: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    gen = torch.Generator().manual_seed(rank)
+    w_up = torch.randn(hidden, inter, generator=gen)  # a TP2 shard of gate+up: 2 * intermediate / 2
+    w_down = torch.randn(inter // 2, hidden, generator=gen)
+    result = {}
+    for b in batches:
+        x = torch.randn(b, hidden, generator=gen)
+        n = 400
+        t0 = time.perf_counter()
+        for _ in range(n):
+            gate, up = (x @ w_up).chunk(2, dim=-1)
+            y = (torch.nn.functional.silu(gate) * up) @ w_down
+        compute = (time.perf_counter() - t0) / n
+        buf = torch.zeros_like(y)  # zeros stay zeros: no overflow over the repeats
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            dist.all_reduce(buf)
+        comm = (time.perf_counter() - t0) / n
+        result[str(b)] = {"compute_us": compute * 1e6, "allreduce_us": comm * 1e6}
+    if rank == 0:
+        out.put(result)
+    dist.destroy_process_group()
+
+
+def probe_link(batches: list[int], hidden: int = 256, inter: int = 768) -> dict:
+    """Per batch size: time of one TP2 MLP sub-layer's compute (turbo-tiny's shapes) and of one gloo
+    all-reduce of its output between two processes, one thread each, as the servers run them."""
+    import torch.multiprocessing as mp
+
+    from sglang_turbo.server_process import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(_probe_rank, args=(free_port(), batches, hidden, inter, out), nprocs=2, start_method="spawn")
+    return out.get()
 
 
 def plot(result: dict, path: Path) -> None:
@@ -142,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--ttft-prompt-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="paired measurements per configuration")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="delays 0,100,300,1000,3000 us")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_ladder.json")
@@ -162,43 +208,61 @@ def main(argv: list[str] | None = None) -> dict:
     decode_prompts = prompts(max(batches), args.prompt_tokens, cfg["vocab_size"], args.seed)
     long_prompts = prompts(5, args.ttft_prompt_tokens, cfg["vocab_size"], args.seed + 1)
 
-    runs: dict[str, dict] = {}  # "system/topology/delay" -> {"batch B": decode figures, "ttft": ...}
+    link = probe_link(batches)
+    print("link probe (2 gloo processes, 1 thread each): all-reduce " + "  ".join(
+        f"batch {b}: {link[str(b)]['allreduce_us']:.0f} us vs sub-layer compute {link[str(b)]['compute_us']:.0f} us"
+        for b in batches), flush=True)
+
+    # Both systems' servers run at once and are measured alternately (A B, B A, ...), so each ratio pairs
+    # two runs under the same machine conditions; only one system is active at a time.
+    runs: dict[str, list] = {}  # "system/topology/delay" -> one {"batch B": ..., "ttft": ...} per repeat
     for topo in topologies:
         for delay in delays:
+            servers = {}
+            try:
+                for system in SYSTEMS:
+                    flags = ["--tp-size", "2", "--max-total-tokens", "16384", "--turbo-allreduce-delay-us", str(delay)]
+                    servers[system] = launch_turbo_nodes(
+                        models[system], flags, nnodes=TOPOLOGIES[topo], env={"SGLANG_TURBO_THREADS": "1"},
+                        log_dir=work / f"{system}-{topo}-{delay}")
+                for system, (_, url) in servers.items():
+                    decode_run(url, decode_prompts[:2], 8, 2)  # warm-up
+                for r in range(args.repeats):
+                    order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
+                    for system in order:
+                        url = servers[system][1]
+                        one = {f"batch {b}": decode_run(url, decode_prompts[:b], args.new_tokens, b) for b in batches}
+                        one["ttft"] = ttft_run(url, long_prompts)
+                        runs.setdefault(f"{system}/{topo}/{delay}", []).append(one)
+            finally:
+                for procs, _url in servers.values():
+                    for proc in procs:
+                        kill_server(proc)
             for system in SYSTEMS:
                 key = f"{system}/{topo}/{delay}"
-                env = {"SGLANG_TURBO_THREADS": "1"}  # one core per rank in both topologies
-                flags = ["--tp-size", "2", "--max-total-tokens", "16384", "--turbo-allreduce-delay-us", str(delay)]
-                procs, url = launch_turbo_nodes(models[system], flags, nnodes=TOPOLOGIES[topo], env=env,
-                                                log_dir=work / key.replace("/", "-"))
-                try:
-                    decode_run(url, decode_prompts[:2], 8, 2)  # warm-up
-                    runs[key] = {f"batch {b}": decode_run(url, decode_prompts[:b], args.new_tokens, b) for b in batches}
-                    runs[key]["ttft"] = ttft_run(url, long_prompts)
-                finally:
-                    for p in procs:
-                        kill_server(p)
                 print(f"{key:>24}: " + "  ".join(
-                    f"batch {b}: {runs[key][f'batch {b}']['output_tok_s']:6.1f} tok/s" for b in batches)
-                    + f"  ttft {runs[key]['ttft']['ttft_ms']:.1f} ms", flush=True)
+                    f"batch {b}: {statistics.median(x[f'batch {b}']['output_tok_s'] for x in runs[key]):6.1f} tok/s"
+                    for b in batches) + f"  ttft {statistics.median(x['ttft']['ttft_ms'] for x in runs[key]):.1f} ms",
+                    flush=True)
 
-    # Greedy tokens of each system must not depend on topology or delay.
+    # Greedy tokens of each system must not depend on topology, delay or repeat.
     identical = {}
     for system in SYSTEMS:
         for b in batches:
-            outs = [runs[f"{system}/{t}/{d}"][f"batch {b}"]["output_ids"] for t in topologies for d in delays]
+            outs = [x[f"batch {b}"]["output_ids"] for t in topologies for d in delays for x in runs[f"{system}/{t}/{d}"]]
             identical[f"{system}/batch {b}"] = all(o == outs[0] for o in outs)
 
     ratios = {}
     for topo in topologies:
-        t0 = {b: runs[f"standard/{topo}/{delays[0]}"][f"batch {b}"]["step_ms"] for b in batches}
         for delay in delays:
             std, lad = runs[f"standard/{topo}/{delay}"], runs[f"ladder/{topo}/{delay}"]
+            ttft = [l["ttft"]["ttft_ms"] / s["ttft"]["ttft_ms"] for s, l in zip(std, lad)]
             for b in batches:
+                paired = [l[f"batch {b}"]["output_tok_s"] / s[f"batch {b}"]["output_tok_s"] for s, l in zip(std, lad)]
                 ratios[f"{topo}/{delay}/{b}"] = {
-                    "decode": lad[f"batch {b}"]["output_tok_s"] / std[f"batch {b}"]["output_tok_s"],
-                    "ttft": lad["ttft"]["ttft_ms"] / std["ttft"]["ttft_ms"],
-                    "bound": bound(t0[b], delay / 1000, cfg["num_hidden_layers"]) if delays[0] == 0 else None,
+                    "decode": statistics.median(paired), "decode_min": min(paired), "decode_max": max(paired),
+                    "ttft": statistics.median(ttft),
+                    "bound": bound(link[str(b)]["compute_us"], max(link[str(b)]["allreduce_us"], delay)),
                 }
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -209,7 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
         "model": "turbo-tiny-ladder", "tp_size": 2, "topologies": topologies, "delays_us": delays, "batch": batches,
         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
         "ttft_prompt_tokens": args.ttft_prompt_tokens, "seed": args.seed,
-        "runs": {k: {kk: {f: v for f, v in vv.items() if f != "output_ids"} for kk, vv in r.items()} for k, r in runs.items()},
+        "link_probe": link,
+        "repeats": args.repeats,
+        "runs": {k: [{kk: {f: v for f, v in vv.items() if f != "output_ids"} for kk, vv in x.items()} for x in r]
+                 for k, r in runs.items()},
         "greedy_identical_across_topologies_and_delays": identical,
         "ratios": ratios,
     }
@@ -221,9 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"greedy tokens identical across topologies and delays: {identical}")
     for key, r in ratios.items():
         topo, delay, b = key.split("/")
-        bound_txt = f"  (bound {r['bound']:.2f}x)" if r["bound"] else ""
         print(f"{topo:>6} delay {delay:>5} us batch {b:>2}  ladder/standard: decode tok/s {r['decode']:.2f}x"
-              f"{bound_txt}  ttft {r['ttft']:.2f}x")
+              f" [{r['decode_min']:.2f}-{r['decode_max']:.2f}]  (bound {r['bound']:.2f}x)  ttft {r['ttft']:.2f}x")
     return result
 
 
