@@ -45,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmark" / "results" / "ladder"
 sys.path.insert(0, str(REPO / "benchmark"))
-from bench_spec import flush_cache  # noqa: E402  (same retrying flush)
+from bench_spec import _cpu_model, flush_cache  # noqa: E402
 
 SYSTEMS = ("standard", "ladder")
 TOPOLOGIES = {"1node": 1, "2nodes": 2}
@@ -170,13 +170,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -106,3 +106,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (bsz, seqlen, vocab)
+
+
+@torch.no_grad()
+def greedy_recompute(model: nn.Module, input_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of one prompt by a cache-less model (``model(ids).logits``), recomputing the
+    whole sequence at every step: slow, and exactly the argmax of the full forward."""
+    ids = list(input_ids)
+    for _ in range(max_new_tokens):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(input_ids):]

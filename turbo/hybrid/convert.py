@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from turbo.ladder.convert import TOKENIZER_FILES
+from turbo.zoo.presets import model_dir
 
 from .model import HybridLlama, HybridLlamaConfig, save_model
 
@@ -124,12 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights attention has no counterpart for")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    src = Path(args.src)
-    if not src.exists():
-        from turbo.zoo.presets import zoo_path
-
-        src = zoo_path(args.src)
     try:
+        src = model_dir(args.src)
         convert(src, args.out, args.attention_layers, args.seed)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))

@@ -17,18 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from turbo.ladder.model import load_model as load_llama
-from turbo.zoo.finetune import finetune_toward_teacher
+from turbo.zoo.finetune import finetune_toward_teacher, record_run
 from turbo.zoo.presets import PRESETS, WEIGHTS_DIR, zoo_path
-from turbo.zoo.train import build_streams, perplexity, plot_losses, start_run
+from turbo.zoo.train import build_streams, perplexity, start_run
 
 from .convert import convert
 
@@ -96,24 +92,11 @@ def distill(cfg: HybridDistillConfig, out_dir: Path, threads: int | None = None)
     from .model import save_model
 
     save_model(student.eval(), out_dir, json.loads((base_dir / "config.json").read_text()))
-    results = {
-        "preset": cfg.to_dict(),
-        "base": cfg.base,
+    return record_run(out_dir, cfg, started, losses, {
         "heldout_perplexity": ppl,
         "heldout_perplexity_base": ppl_base,
         "heldout_perplexity_converted_before_distillation": ppl_converted,
-        "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
-        "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "wall_seconds": round(time.time() - started, 1),
-        "command": cfg.recipe_command,
-    }
-    (out_dir / "recipe.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "loss.json").write_text(json.dumps(losses) + "\n")
-    plot_losses(losses, out_dir / "loss.png", title=f"{cfg.name}: distillation loss",
-                ylabel=f"{cfg.kl_weight:g} KL + {1 - cfg.kl_weight:g} CE (nats)")
-    return results
+    }, title=f"{cfg.name}: distillation loss")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from turbo.llama import MLP, Attention, LlamaShape, RMSNorm, rope_tables
+from turbo.llama import MLP, Attention, LlamaShape, LMOutput, RMSNorm, greedy_recompute, rope_tables
 
 from .mamba2 import Mamba2Config, Mamba2Mixer
 
@@ -105,11 +105,6 @@ class HybridBackbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-@dataclass
-class LMOutput:
-    logits: torch.Tensor  # (bsz, seqlen, vocab)
-
-
 class HybridLlama(nn.Module):
     """``forward(input_ids)`` -> ``LMOutput(logits)``."""
 
@@ -128,12 +123,9 @@ class HybridLlama(nn.Module):
             x = layer(x, cos, sin)
         return LMOutput(self.lm_head(self.model.norm(x)))
 
-    @torch.no_grad()
     def greedy(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
-        ids = list(input_ids)
-        for _ in range(max_new_tokens):
-            ids.append(int(self(torch.tensor([ids])).logits[0, -1].argmax()))
-        return ids[len(input_ids):]
+        """Greedy continuation of one prompt (the whole sequence recomputed each step)."""
+        return greedy_recompute(self, input_ids, max_new_tokens)
 
 
 def load_model(model_dir: str | Path) -> HybridLlama:

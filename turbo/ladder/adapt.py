@@ -20,17 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
-from turbo.zoo.finetune import finetune_toward_teacher
+from turbo.zoo.finetune import finetune_toward_teacher, record_run
 from turbo.zoo.presets import PRESETS, WEIGHTS_DIR, zoo_path
-from turbo.zoo.train import build_streams, perplexity, plot_losses, start_run
+from turbo.zoo.train import build_streams, perplexity, start_run
 
 from .convert import convert
 from .model import load_hf_config, load_model, save_model
@@ -103,24 +99,11 @@ def adapt(cfg: LadderAdaptConfig, out_dir: Path, threads: int | None = None) -> 
     # 5. perplexity after, and save
     ppl_adapted = {d: perplexity(student, s, base_preset.seq_len) for d, s in heldout.items()}
     save_model(student, out_dir, load_hf_config(base_dir))
-    results = {
-        "preset": cfg.to_dict(),
-        "base": cfg.base,
+    return record_run(out_dir, cfg, started, losses, {
         "heldout_perplexity": ppl_adapted,
         "heldout_perplexity_base": ppl_base,
         "heldout_perplexity_converted_before_adaptation": ppl_converted,
-        "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
-        "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "wall_seconds": round(time.time() - started, 1),
-        "command": cfg.recipe_command,
-    }
-    (out_dir / "recipe.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "loss.json").write_text(json.dumps(losses) + "\n")
-    plot_losses(losses, out_dir / "loss.png", title=f"{cfg.name}: adaptation loss",
-                ylabel=f"{cfg.kl_weight:g} KL + {1 - cfg.kl_weight:g} CE (nats)")
-    return results
+    }, title=f"{cfg.name}: adaptation loss")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from turbo.zoo.presets import model_dir
+
 from .model import ARCHITECTURE, CONFIG_FILE, LLAMA_ARCHITECTURE, WEIGHTS_FILE, LadderLlamaConfig, load_hf_config
 
 logger = logging.getLogger(__name__)
@@ -59,12 +61,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="first layer that runs the ladder schedule (default 0: all layers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    src = Path(args.src)
-    if not src.exists():
-        from turbo.zoo.presets import zoo_path
-
-        src = zoo_path(args.src)
     try:
+        src = model_dir(args.src)
         convert(src, args.out, args.ladder_start_layer)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))

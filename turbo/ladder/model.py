@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from turbo.llama import MLP, Attention, LlamaShape, RMSNorm, rope_tables
+from turbo.llama import MLP, Attention, LlamaShape, LMOutput, RMSNorm, greedy_recompute, rope_tables
 
 from .residual import Communicator, LocalCommunicator, SubLayer, residual_stream
 
@@ -84,11 +84,6 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-@dataclass
-class LMOutput:
-    logits: torch.Tensor  # (bsz, seqlen, vocab)
-
-
 class LadderLlama(nn.Module):
     """``forward(input_ids)`` -> ``LMOutput(logits)``; layers from ``cfg.ladder_start_layer`` on are ladder."""
 
@@ -116,14 +111,9 @@ class LadderLlama(nn.Module):
         x = residual_stream(x, self.sublayers(cos, sin), comm or LocalCommunicator())
         return LMOutput(self.lm_head(self.model.norm(x)))
 
-    @torch.no_grad()
     def greedy(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of one prompt, recomputing the whole sequence each step."""
-        ids = list(input_ids)
-        for _ in range(max_new_tokens):
-            logits = self(torch.tensor([ids])).logits[0, -1]
-            ids.append(int(logits.argmax()))
-        return ids[len(input_ids):]
+        """Greedy continuation of one prompt (the whole sequence recomputed each step)."""
+        return greedy_recompute(self, input_ids, max_new_tokens)
 
 
 def load_hf_config(model_dir: str | Path) -> dict:

@@ -11,11 +11,16 @@ weight_decay, kl_weight, seed``.
 
 from __future__ import annotations
 
+import json
+import platform
+import time
+from pathlib import Path
+
 import torch
 from tqdm import tqdm
 
 from .distill import distill_loss
-from .train import create_optimizer, lr_at, sample_windows
+from .train import create_optimizer, lr_at, plot_losses, sample_windows
 
 
 def teacher_loss(student, teacher, rows: torch.Tensor, kl_weight: float) -> torch.Tensor:
@@ -49,3 +54,24 @@ def finetune_toward_teacher(student, teacher, stream: torch.Tensor, cfg, desc: s
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return losses
+
+
+def record_run(out_dir: Path, cfg, started: float, losses: list[float], perplexities: dict, title: str) -> dict:
+    """Writes recipe.json (the preset, the held-out perplexities given, the run's facts), loss.json and
+    loss.png of a fine-tune into ``out_dir``; returns what recipe.json holds."""
+    results = {
+        "preset": cfg.to_dict(),
+        "base": cfg.base,
+        **perplexities,
+        "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "wall_seconds": round(time.time() - started, 1),
+        "command": cfg.recipe_command,
+    }
+    (out_dir / "recipe.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "loss.json").write_text(json.dumps(losses) + "\n")
+    plot_losses(losses, out_dir / "loss.png", title=title,
+                ylabel=f"{cfg.kl_weight:g} KL + {1 - cfg.kl_weight:g} CE (nats)")
+    return results

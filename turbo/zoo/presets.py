@@ -130,3 +130,9 @@ def zoo_path(name: str) -> Path:
         hint = PRESETS[name].recipe_command if name in PRESETS else f"shipped: {zoo_names()}"
         raise FileNotFoundError(f"embedded model {name!r} not found at {path}; {hint}")
     return path
+
+
+def model_dir(name_or_path: str | Path) -> Path:
+    """A command-line model argument as a directory: an existing path as given, else a shipped name."""
+    path = Path(name_or_path)
+    return path if path.exists() else zoo_path(str(name_or_path))
