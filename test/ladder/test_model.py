@@ -128,6 +128,9 @@ def test_shipped_ladder_model_is_a_ladder_checkpoint_of_turbo_tiny():
     recipe = json.loads((zoo_path(LADDER) / "recipe.json").read_text())
     assert cfg["architectures"] == [ARCHITECTURE] and cfg["ladder_start_layer"] == 0, f"{cfg=}"
     assert recipe["base"] == "turbo-tiny" and recipe["command"] == "python -m turbo.ladder.adapt --preset turbo-tiny-ladder"
+    from turbo.ladder.adapt import LADDER_PRESETS
+
+    assert recipe["preset"] == LADDER_PRESETS[LADDER].to_dict(), "the shipped weights came from another recipe"
 
 
 def test_adaptation_recovers_most_of_what_conversion_lost(tiny_dir, heldout_code):

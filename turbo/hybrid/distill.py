@@ -18,11 +18,12 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 from turbo.ladder.model import load_model as load_llama
-from turbo.zoo.finetune import finetune_toward_teacher, record_run
+from turbo.zoo.finetune import FinetuneConfig, finetune_toward_teacher, record_run
 from turbo.zoo.presets import PRESETS, WEIGHTS_DIR, zoo_path
 from turbo.zoo.train import build_streams, perplexity, start_run
 
@@ -32,32 +33,16 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class HybridDistillConfig:
+class HybridDistillConfig(FinetuneConfig):
     """A hybrid conversion of a zoo model and the distillation that recovers its quality."""
 
-    name: str
-    base: str = "turbo-tiny"
-    attention_layers: tuple[int, ...] = field(default_factory=lambda: (2, 5))
+    recipe_module: ClassVar[str] = "turbo.hybrid.distill"
+
     steps: int = 600
-    batch_size: int = 16
-    seq_len: int = 512
-    lr: float = 1e-3
     warmup_steps: int = 30
-    weight_decay: float = 0.1
     kl_weight: float = 0.9  # MambaInLlama weighs the teacher's KL and the data's CE; here mostly KL
     seed: int = 2
-
-    def __post_init__(self) -> None:
-        assert self.base in PRESETS, f"base must be a zoo preset, got {self.base!r}"
-        assert 0.0 <= self.kl_weight <= 1.0, f"kl_weight must be in [0, 1], got {self.kl_weight}"
-        assert self.steps > 0 and self.warmup_steps < self.steps, f"{self.steps=} {self.warmup_steps=}"
-
-    @property
-    def recipe_command(self) -> str:
-        return f"python -m turbo.hybrid.distill --preset {self.name}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    attention_layers: tuple[int, ...] = field(default_factory=lambda: (2, 5))
 
 
 HYBRID_PRESETS: dict[str, HybridDistillConfig] = {

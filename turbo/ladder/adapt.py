@@ -21,10 +21,11 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
-from turbo.zoo.finetune import finetune_toward_teacher, record_run
+from turbo.zoo.finetune import FinetuneConfig, finetune_toward_teacher, record_run
 from turbo.zoo.presets import PRESETS, WEIGHTS_DIR, zoo_path
 from turbo.zoo.train import build_streams, perplexity, start_run
 
@@ -35,32 +36,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LadderAdaptConfig:
+class LadderAdaptConfig(FinetuneConfig):
     """A ladder conversion of a zoo model and the fine-tune that recovers its quality."""
 
-    name: str
-    base: str = "turbo-tiny"  # the zoo model converted; also the teacher
+    recipe_module: ClassVar[str] = "turbo.ladder.adapt"
+
     ladder_start_layer: int = 0  # layers >= this are ladder
-    steps: int = 400
-    batch_size: int = 16
-    seq_len: int = 512
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    kl_weight: float = 0.5  # loss = kl_weight * KL(base || ladder) + (1 - kl_weight) * CE on data
-    seed: int = 1  # window sampling; the base trained with its own seed on the same stream
-
-    def __post_init__(self) -> None:
-        assert self.base in PRESETS, f"base must be a zoo preset, got {self.base!r}"
-        assert 0.0 <= self.kl_weight <= 1.0, f"kl_weight must be in [0, 1], got {self.kl_weight}"
-        assert self.steps > 0 and self.warmup_steps < self.steps, f"{self.steps=} {self.warmup_steps=}"
-
-    @property
-    def recipe_command(self) -> str:
-        return f"python -m turbo.ladder.adapt --preset {self.name}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 LADDER_PRESETS: dict[str, LadderAdaptConfig] = {

@@ -5,8 +5,7 @@ random windows of a token stream; loss = kl_weight * KL(teacher || student) + (1
 cross-entropy on the data (``distill.distill_loss``), the teacher under no_grad; AdamW with train.py's
 warm-up and cosine decay, clipping at 1.0, bfloat16 autocast on CPU.
 
-``cfg`` is any recipe config with the fields ``steps, batch_size, seq_len, lr, warmup_steps,
-weight_decay, kl_weight, seed``.
+A recipe's config derives from :class:`FinetuneConfig` and adds what its conversion needs.
 """
 
 from __future__ import annotations
@@ -14,13 +13,46 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
 
 from .distill import distill_loss
+from .presets import PRESETS
 from .train import create_optimizer, lr_at, plot_losses, sample_windows
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A fine-tune of a model converted from the zoo model ``base``, toward ``base``."""
+
+    recipe_module: ClassVar[str] = ""  # the ``python -m`` module that runs the recipe
+
+    name: str
+    base: str = "turbo-tiny"  # the zoo model converted; also the teacher
+    steps: int = 400
+    batch_size: int = 16
+    seq_len: int = 512
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    kl_weight: float = 0.5  # loss = kl_weight * KL(base || student) + (1 - kl_weight) * CE on data
+    seed: int = 1  # window sampling; the base trained with its own seed on the same stream
+
+    def __post_init__(self) -> None:
+        assert self.base in PRESETS, f"base must be a zoo preset, got {self.base!r}"
+        assert 0.0 <= self.kl_weight <= 1.0, f"kl_weight must be in [0, 1], got {self.kl_weight}"
+        assert self.steps > 0 and self.warmup_steps < self.steps, f"{self.steps=} {self.warmup_steps=}"
+
+    @property
+    def recipe_command(self) -> str:
+        return f"python -m {self.recipe_module} --preset {self.name}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def teacher_loss(student, teacher, rows: torch.Tensor, kl_weight: float) -> torch.Tensor:
