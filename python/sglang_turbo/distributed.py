@@ -62,23 +62,29 @@ def create_tp_communicator() -> Communicator:
     return SlowLinkCommunicator(comm, delay) if delay > 0 else comm
 
 
-def _around_all_reduce(original, group, input_, *args, **kwargs):
-    delay = env.allreduce_delay_s()
-    if delay <= 0 or group.world_size == 1:
-        return original(group, input_, *args, **kwargs)
-    ready_at = time.perf_counter() + delay
-    out = original(group, input_, *args, **kwargs)
-    sleep_until_ready(ready_at)
-    return out
+def slowed_all_reduce(delay_s: float):
+    """An AROUND hook for ``GroupCoordinator.all_reduce``: the result is returned no earlier than
+    ``delay_s`` after the call (one-rank groups, which communicate nothing, are never delayed)."""
+
+    def around(original, group, input_, *args, **kwargs):
+        if group.world_size == 1:
+            return original(group, input_, *args, **kwargs)
+        ready_at = time.perf_counter() + delay_s
+        out = original(group, input_, *args, **kwargs)
+        sleep_until_ready(ready_at)
+        return out
+
+    return around
 
 
 def register() -> None:
-    """Installs the delay hook only where a delay is asked for (the hook costs nothing otherwise, but a
-    server without it has one patched method fewer)."""
-    if env.allreduce_delay_s() > 0:
+    """Installs the delay hook only where a delay is asked for; the delay is read once, here, not on
+    every all-reduce."""
+    delay = env.allreduce_delay_s()
+    if delay > 0:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-        HookRegistry.register(ALL_REDUCE_TARGET, _around_all_reduce, HookType.AROUND)
+        HookRegistry.register(ALL_REDUCE_TARGET, slowed_all_reduce(delay), HookType.AROUND)
 
 
 def world_ranks(args) -> int:

@@ -48,6 +48,12 @@ def _health_status(base_url: str, api_key: str | None) -> str:
         return type(e).__name__
 
 
+def launcher_command(model_path: str | os.PathLike, port: int, extra_args) -> list[str]:
+    """``python -m sglang_turbo.launch_server`` for ``model_path`` on 127.0.0.1:``port``."""
+    return [sys.executable, "-m", "sglang_turbo.launch_server", "--model-path", str(model_path),
+            "--host", "127.0.0.1", "--port", str(port), *extra_args]
+
+
 def launch_turbo_server(
     model_path: str | os.PathLike,
     extra_args: list[str] | tuple[str, ...] = (),
@@ -69,8 +75,7 @@ def launch_turbo_server(
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="sglang-turbo-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "sglang_turbo.launch_server", "--model-path", str(model_path),
-           "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    cmd = launcher_command(model_path, port, extra_args)
     if api_key:
         cmd += ["--api-key", api_key]
     with open(log_path, "wb") as log:
@@ -116,8 +121,7 @@ def launch_turbo_nodes(
     others = []
     for rank in range(1, nnodes):
         log_path = log_dir / f"node{rank}.log"
-        cmd = [sys.executable, "-m", "sglang_turbo.launch_server", "--model-path", str(model_path),
-               "--host", "127.0.0.1", "--port", str(free_port()), *node_flags, "--node-rank", str(rank)]
+        cmd = launcher_command(model_path, free_port(), [*node_flags, "--node-rank", str(rank)])
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                     start_new_session=True)

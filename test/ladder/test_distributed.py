@@ -62,19 +62,17 @@ def test_the_users_own_binding_and_threads_win(clean_env):
     assert (os.environ["SGLANG_CPU_OMP_THREADS_BIND"], os.environ["SGLANG_TURBO_THREADS"]) == ("0-7|8-15", "8")
 
 
-def test_upstreams_all_reduce_takes_at_least_the_simulated_delay(monkeypatch):
-    monkeypatch.setenv("SGLANG_TURBO_ALLREDUCE_DELAY_US", "30000")
+def test_upstreams_all_reduce_takes_at_least_the_simulated_delay():
     group = SimpleNamespace(world_size=2)
     t0 = time.perf_counter()
-    out = distributed._around_all_reduce(lambda g, x: x + 1, group, 1)
+    out = distributed.slowed_all_reduce(0.03)(lambda g, x: x + 1, group, 1)
     elapsed = time.perf_counter() - t0
     assert out == 2 and elapsed >= 0.03, f"{out=} {elapsed=}"
 
 
-def test_a_single_rank_group_is_never_delayed(monkeypatch):
-    monkeypatch.setenv("SGLANG_TURBO_ALLREDUCE_DELAY_US", "1000000")
+def test_a_single_rank_group_is_never_delayed():
     t0 = time.perf_counter()
-    distributed._around_all_reduce(lambda g, x: x, SimpleNamespace(world_size=1), 1)
+    distributed.slowed_all_reduce(1.0)(lambda g, x: x, SimpleNamespace(world_size=1), 1)
     assert time.perf_counter() - t0 < 0.5, "a 1-rank 'all-reduce' is no communication and must not wait"
 
 

@@ -17,22 +17,14 @@ Seeded end to end: the same preset on the same Python and torch gives the same w
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from turbo.zoo.finetune import FinetuneConfig, finetune_toward_teacher, record_run
-from turbo.zoo.presets import PRESETS, WEIGHTS_DIR, zoo_path
-from turbo.zoo.train import build_streams, perplexity, start_run
+from turbo.zoo.finetune import FinetuneConfig, recipe_main, run_conversion_recipe
 
 from .convert import convert
 from .model import load_hf_config, load_model, save_model
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,51 +48,19 @@ LADDER_PRESETS: dict[str, LadderAdaptConfig] = {
 
 def adapt(cfg: LadderAdaptConfig, out_dir: Path, threads: int | None = None) -> dict:
     """Runs the whole recipe into ``out_dir``; returns the results written to recipe.json."""
-    started = start_run(cfg, out_dir, threads)
-    base_dir = zoo_path(cfg.base)
-    base_preset = replace(PRESETS[cfg.base], seq_len=cfg.seq_len, batch_size=cfg.batch_size)
 
-    # 1-2. convert, and the base model's streams
-    convert(base_dir, out_dir, cfg.ladder_start_layer)
-    from tokenizers import Tokenizer
+    def convert_base(base_dir: Path, out: Path):
+        convert(base_dir, out, cfg.ladder_start_layer)
+        return load_model(out)
 
-    tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
-    _, stream, heldout = build_streams(PRESETS[cfg.base], out_dir, tok=tok)
+    def save_student(student, base_dir: Path, out: Path) -> None:
+        save_model(student, out, load_hf_config(base_dir))
 
-    # 3. perplexity before
-    teacher = load_model(base_dir)
-    student = load_model(out_dir)
-    ppl_base = {d: perplexity(teacher, s, base_preset.seq_len) for d, s in heldout.items()}
-    ppl_converted = {d: perplexity(student, s, base_preset.seq_len) for d, s in heldout.items()}
-    logger.info("held-out perplexity: base %s, converted before adaptation %s", ppl_base, ppl_converted)
-
-    # 4. fine-tune
-    losses = finetune_toward_teacher(student, teacher, stream, cfg, desc=f"adapt {cfg.name}")
-
-    # 5. perplexity after, and save
-    ppl_adapted = {d: perplexity(student, s, base_preset.seq_len) for d, s in heldout.items()}
-    save_model(student, out_dir, load_hf_config(base_dir))
-    return record_run(out_dir, cfg, started, losses, {
-        "heldout_perplexity": ppl_adapted,
-        "heldout_perplexity_base": ppl_base,
-        "heldout_perplexity_converted_before_adaptation": ppl_converted,
-    }, title=f"{cfg.name}: adaptation loss")
+    return run_conversion_recipe(cfg, out_dir, threads, "adaptation", convert_base, load_model, save_student)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="turbo-tiny-ladder", choices=sorted(LADDER_PRESETS))
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the shipped one)")
-    parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = LADDER_PRESETS[args.preset]
-    if args.steps is not None:
-        cfg = replace(cfg, steps=args.steps)
-    results = adapt(cfg, args.out or WEIGHTS_DIR / cfg.name, threads=args.threads)
-    json.dump({k: v for k, v in results.items() if k.startswith("heldout")}, sys.stdout)
-    print()
+    recipe_main(argv, __doc__.splitlines()[0], LADDER_PRESETS, "turbo-tiny-ladder", adapt)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turbo.llama import MLP
+
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -210,17 +212,6 @@ class Eagle3Attention(nn.Module):
         return self.o_proj(attn.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))
 
 
-class Eagle3MLP(nn.Module):
-    def __init__(self, cfg: Eagle3Config) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Eagle3DecoderLayer(nn.Module):
     def __init__(self, cfg: Eagle3Config) -> None:
         super().__init__()
@@ -228,7 +219,7 @@ class Eagle3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Eagle3Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Eagle3MLP(cfg)
+        self.mlp = MLP(cfg)  # Llama's SwiGLU: Eagle3Config has its hidden and intermediate sizes
 
     def attn_input(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Step 2: (bsz, seqlen, 2 * hidden), embeddings first (SGLang's ``torch.cat([embeds, hidden])``)."""

@@ -11,18 +11,21 @@ A recipe's config derives from :class:`FinetuneConfig` and adds what its convers
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from tqdm import tqdm
 
 from .distill import distill_loss
-from .presets import PRESETS
-from .train import create_optimizer, lr_at, plot_losses, sample_windows
+from .presets import PRESETS, zoo_path
+from .train import build_streams, create_optimizer, lr_at, perplexity, plot_losses, sample_windows, start_run
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,3 +110,57 @@ def record_run(out_dir: Path, cfg, started: float, losses: list[float], perplexi
     plot_losses(losses, out_dir / "loss.png", title=title,
                 ylabel=f"{cfg.kl_weight:g} KL + {1 - cfg.kl_weight:g} CE (nats)")
     return results
+
+
+def run_conversion_recipe(cfg: FinetuneConfig, out_dir: Path, threads: int | None, stage: str,
+                          convert_base: Callable, load_teacher: Callable, save_student: Callable) -> dict:
+    """The steps every conversion recipe shares, into ``out_dir``; returns what recipe.json holds.
+
+    1. ``convert_base(base_dir, out_dir)`` -> the converted student; 2. the base's training and held-out
+    streams with its tokenizer; 3. held-out perplexity of ``load_teacher(base_dir)`` and of the student;
+    4. :func:`finetune_toward_teacher`; 5. perplexity again, ``save_student(student, base_dir, out_dir)``,
+    :func:`record_run`. ``stage`` names step 4 in the logs, the loss plot and recipe.json's keys.
+    """
+    from tokenizers import Tokenizer
+
+    started = start_run(cfg, out_dir, threads)
+    base_dir = zoo_path(cfg.base)
+    student = convert_base(base_dir, out_dir)
+    tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    _, stream, heldout = build_streams(PRESETS[cfg.base], out_dir, tok=tok)
+    teacher = load_teacher(base_dir)
+    ppl_base = {d: perplexity(teacher, s, cfg.seq_len) for d, s in heldout.items()}
+    ppl_converted = {d: perplexity(student, s, cfg.seq_len) for d, s in heldout.items()}
+    logger.info("held-out perplexity: base %s, converted before %s %s", ppl_base, stage, ppl_converted)
+    losses = finetune_toward_teacher(student, teacher, stream, cfg, desc=f"{stage} {cfg.name}")
+    ppl = {d: perplexity(student, s, cfg.seq_len) for d, s in heldout.items()}
+    save_student(student.eval(), base_dir, out_dir)
+    return record_run(out_dir, cfg, started, losses, {
+        "heldout_perplexity": ppl,
+        "heldout_perplexity_base": ppl_base,
+        f"heldout_perplexity_converted_before_{stage}": ppl_converted,
+    }, title=f"{cfg.name}: {stage} loss")
+
+
+def recipe_main(argv: list[str] | None, description: str, presets: dict, default: str, run: Callable) -> None:
+    """The command line of a conversion recipe: ``--preset NAME [--out DIR] [--steps N] [--threads N]``;
+    prints the held-out perplexities."""
+    import argparse
+    import sys
+    from dataclasses import replace
+
+    from .presets import WEIGHTS_DIR
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default=default, choices=sorted(presets))
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the shipped one)")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = presets[args.preset]
+    if args.steps is not None:
+        cfg = replace(cfg, steps=args.steps)
+    results = run(cfg, args.out or WEIGHTS_DIR / cfg.name, threads=args.threads)
+    json.dump({k: v for k, v in results.items() if k.startswith("heldout")}, sys.stdout)
+    print()
