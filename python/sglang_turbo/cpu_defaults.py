@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 # small enough that two servers and a test process share 24 GB.
 MAX_DEFAULT_POOL_TOKENS = 262_144
 MIN_DEFAULT_POOL_TOKENS = 8_192
+# A hybrid's state pool: upstream sizes it from free memory (20k slots, 5.8 GB measured for turbo-tiny-hybrid).
+MAX_DEFAULT_MAMBA_SLOTS = 512
+MIN_DEFAULT_MAMBA_SLOTS = 16
 
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
@@ -34,22 +37,55 @@ def _user_set(args, name: str) -> bool:
     return name in raw and raw[name] != _declared_default(name)
 
 
-def kv_bytes_per_token(model_path: str, dtype: str) -> int | None:
-    """K and V bytes one token takes in every layer, from the checkpoint's config.json; None if unknown."""
-    config_file = Path(model_path) / "config.json"
+def _text_config(model_path: str) -> dict | None:
     try:
-        cfg = json.loads(config_file.read_text())
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    cfg = cfg.get("text_config", cfg)
+    return cfg.get("text_config", cfg)
+
+
+def kv_bytes_per_token(model_path: str, dtype: str) -> int | None:
+    """K and V bytes one token takes in every attention layer, from the checkpoint's config.json (a
+    Llama-Mamba2 hybrid's Mamba layers keep no KV); None if unknown."""
+    cfg = _text_config(model_path)
+    if cfg is None:
+        return None
     try:
         n_layers = int(cfg["num_hidden_layers"])
+        if "attention_layers" in cfg:
+            n_layers = len(cfg["attention_layers"])
         n_heads = int(cfg["num_attention_heads"])
         n_kv_heads = int(cfg.get("num_key_value_heads") or n_heads)
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads)
     except (KeyError, TypeError, ValueError):
         return None
-    return 2 * n_layers * n_kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
+    return 2 * max(n_layers, 1) * n_kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
+
+
+def mamba_state_bytes_per_request(model_path: str) -> int | None:
+    """Conv window + scan state bytes of one request over all Mamba layers (float32), for a Llama-Mamba2
+    hybrid's config.json; None for any other model."""
+    cfg = _text_config(model_path)
+    if cfg is None or cfg.get("model_type") != "llama_mamba2":
+        return None
+    try:
+        n_mamba = int(cfg["num_hidden_layers"]) - len(cfg["attention_layers"])
+        heads, head_dim, groups, d_state = (int(cfg[k]) for k in (
+            "mamba_n_heads", "mamba_head_dim", "mamba_n_groups", "mamba_d_state"))
+        conv_dim = heads * head_dim + 2 * groups * d_state
+        per_layer = conv_dim * (int(cfg.get("mamba_d_conv", 4)) - 1) + heads * head_dim * d_state
+    except (KeyError, TypeError, ValueError):
+        return None
+    return 4 * per_layer * max(n_mamba, 0)
+
+
+def default_mamba_cache_size(model_path: str) -> int | None:
+    """State-pool slots (running requests plus cached prefixes' states) within the same budget as the KV pool."""
+    per_request = mamba_state_bytes_per_request(model_path)
+    if not per_request:
+        return None
+    return int(max(MIN_DEFAULT_MAMBA_SLOTS, min(MAX_DEFAULT_MAMBA_SLOTS, env.kv_budget_bytes() // per_request)))
 
 
 def default_pool_tokens(model_path: str, dtype: str) -> int:
@@ -80,6 +116,10 @@ def apply_cpu_defaults(args) -> None:
     apply_cpu_tp_defaults(args)  # several ranks on this node: each gets its share of the cores
     if not _user_set(args, "max_total_tokens") and args.model_path:
         args.max_total_tokens = default_pool_tokens(str(args.model_path), args.dtype)
+    if not _user_set(args, "max_mamba_cache_size") and args.model_path:
+        slots = default_mamba_cache_size(str(args.model_path))
+        if slots is not None:
+            args.max_mamba_cache_size = slots
     logger.info(
         "sglang-turbo CPU defaults: dtype=%s attention=%s max_total_tokens=%s sleep_on_idle=%s",
         args.dtype, args.attention_backend, args.max_total_tokens, args.sleep_on_idle,

@@ -21,11 +21,13 @@ def portable_platform_active() -> bool:
 @functools.cache  # SGLang calls this in every process; a second call is a no-op
 def register() -> None:
     from . import attention, distributed, models, speculative, validation
+    from .models import mamba_ops
 
     attention.register()  # --attention-backend turbo_native
-    models.register()  # LadderLlamaForCausalLM, registered at the first model lookup
+    models.register()  # LadderLlamaForCausalLM, LlamaMamba2ForCausalLM (+ its config, in every process)
     distributed.register()  # --turbo-allreduce-delay-us: the simulated slow interconnect
     validation.register()  # request checks upstream lacks
     speculative.register_algorithm()  # --speculative-algorithm TURBO
     if portable_platform_active():
         speculative.register()  # draft backends and torch kernels for the speculative workers
+        mamba_ops.register()  # torch Mamba2 ops for the hybrid's mixers

@@ -6,7 +6,8 @@ One mixer, step by step (Dao & Gu 2024; parameter names are mamba_ssm's / MambaI
    ``d_conv - 1`` inputs.
 3. dt = softplus(dt + dt_bias); A = -exp(A_log); the SSD scan (turbo/hybrid/ssd.py) turns (x, dt, A, B, C, D)
    into y and the scan state, chunked over a prompt, one step per decoded token.
-4. y = RMSNorm_per_head(y * silu(z)) * norm.weight, then ``out_proj``.
+4. y = RMSNorm_per_group(y * silu(z)) * norm.weight (mamba_ssm's grouped norm: d_inner / n_groups channels
+   a group), then ``out_proj``.
 
 The state a request carries between forwards (and a prefix cache saves) is :class:`Mamba2State`: the conv
 window and the scan state, fixed-size whatever the sequence length.
@@ -117,5 +118,5 @@ class Mamba2Mixer(nn.Module):
         else:
             y, ssm = ssd_chunked(x, dt, A, B, C, self.D, cfg.chunk_size, state.ssm)
         # 4. gate, norm, out
-        y = gated_rms_norm(y.flatten(-2), z, self.norm.weight, cfg.head_dim, cfg.norm_eps)
+        y = gated_rms_norm(y.flatten(-2), z, self.norm.weight, cfg.d_inner // cfg.n_groups, cfg.norm_eps)
         return self.out_proj(y), Mamba2State(conv_window, ssm)

@@ -107,8 +107,8 @@ def zoo_language_models() -> list[str]:
 
 
 def zoo_role(name: str) -> str:
-    """What a shipped name is, in a few words: "model", "draft model of X", "EAGLE3 head of X" or
-    "Ladder-Residual model adapted from X"."""
+    """What a shipped name is, in a few words: "model", "draft model of X", "EAGLE3 head of X",
+    "Ladder-Residual model adapted from X" or "Llama-Mamba2 hybrid distilled from X"."""
     if name in PRESETS:
         teacher = PRESETS[name].teacher
         return f"draft model of {teacher}" if teacher else "model"
@@ -120,6 +120,8 @@ def zoo_role(name: str) -> str:
         return f"EAGLE3 head of {recipe.get('target') or 'an unrecorded target'}"
     if "LadderLlamaForCausalLM" in archs:
         return f"Ladder-Residual model adapted from {recipe.get('base') or 'an unrecorded model'}"
+    if "LlamaMamba2ForCausalLM" in archs:
+        return f"Llama-Mamba2 hybrid distilled from {recipe.get('base') or 'an unrecorded model'}"
     return "model"
 
 

@@ -34,4 +34,8 @@ def _before_get_model_architecture(*args, **kwargs):
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    from . import llama_mamba2_config
+
     HookRegistry.register(ARCHITECTURE_TARGET, _before_get_model_architecture, HookType.BEFORE)
+    # Configs are read in every process (the launcher resolves server arguments from them): registered now.
+    llama_mamba2_config.register()

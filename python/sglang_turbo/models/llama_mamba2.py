@@ -1,0 +1,144 @@
+"""``LlamaMamba2ForCausalLM``: the Llama-Mamba2 hybrid of turbo/hybrid/model.py, served by SGLang.
+
+Layers in ``attention_layers`` are upstream's ``LlamaDecoderLayer`` (``RadixAttention``, rotary, KV in the
+token pool); the others are a Llama layer whose token mixer is upstream's ``MambaMixer2``, run through
+the ``Mamba2AttnBackend`` that SGLang wraps next to the attention backend for a registered hybrid (see
+llama_mamba2_config.py). Each request's conv window and scan state live in SGLang's Mamba state pool, and
+the Mamba radix cache saves them with a cached prefix. The residual stream is written out here (each
+sub-layer reduces its own output under TP), the same arithmetic as the reference.
+
+On the portable platform the mixer's ops are mamba_ops.py's PyTorch ones; on CUDA, upstream's kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from sglang.srt.layers.attention.mamba.mamba import MambaMixer2
+from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from sglang.srt.model_executor.forward_context import get_attn_backend
+from sglang.srt.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from sglang.srt.runtime_context import get_parallel
+from sglang.srt.utils import add_prefix
+from torch import nn
+
+from ..plugin import portable_platform_active
+from . import mamba_ops
+
+logger = logging.getLogger(__name__)
+
+
+class LlamaMamba2Layer(nn.Module):
+    """A Llama layer with a Mamba2 mixer in place of attention (MambaInLlama's ``MambaDecoderLayer``)."""
+
+    def __init__(self, config, layer_id: int, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mamba = MambaMixer2(
+            cache_params=config.mamba2_cache_params,
+            hidden_size=config.hidden_size,
+            use_conv_bias=True,
+            use_bias=False,
+            n_groups=config.mamba_n_groups,
+            rms_norm_eps=config.rms_norm_eps,
+            activation="silu",
+            quant_config=quant_config,
+            reduce_results=True,
+            prefix=add_prefix("mamba", prefix),
+        )
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                            quant_config=quant_config, prefix=add_prefix("mlp", prefix))
+
+    def mix(self, positions, h: torch.Tensor, forward_batch) -> torch.Tensor:
+        # The backend holds this batch's Mamba metadata and hands the mixer its layer's state pool.
+        backend = get_attn_backend().linear_attn_backend
+        return backend.forward(mixer=self.mamba, hidden_states=h, output=None, layer_id=self.layer_id,
+                               forward_batch=forward_batch)
+
+
+class LlamaMamba2Model(nn.Module):
+    """Embedding, the hybrid layers, the final norm; ``forward`` returns the normed hidden states."""
+
+    def __init__(self, config, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        if get_parallel().pp_group.world_size > 1:
+            raise ValueError("LlamaMamba2ForCausalLM supports tensor parallelism only; run it with --pp-size 1")
+        if portable_platform_active():
+            mamba_ops.bind_conv_ops()
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config,
+                                                   prefix=add_prefix("embed_tokens", prefix))
+        attention = set(config.full_attention_layer_ids)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, layer_id=i, quant_config=quant_config, prefix=add_prefix(f"layers.{i}", prefix),
+                              stage_boundaries=False)  # plain residual: each sub-layer reduces its own output
+            if i in attention else
+            LlamaMamba2Layer(config, i, quant_config=quant_config, prefix=add_prefix(f"layers.{i}", prefix))
+            for i in range(config.num_hidden_layers)
+        )
+        self.start_layer, self.end_layer = 0, config.num_hidden_layers  # what LlamaForCausalLM's loader reads
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers_to_capture: list[int] = []
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None):
+        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # (n_tokens, hidden)
+        for layer in self.layers:
+            h = layer.input_layernorm(x)
+            if isinstance(layer, LlamaMamba2Layer):
+                h = layer.mix(positions, h, forward_batch)
+            else:
+                h = layer.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch)
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x), forward_batch=forward_batch)
+        return self.norm(x)
+
+
+class LlamaMamba2ForCausalLM(LlamaForCausalLM):
+    """Served like ``LlamaForCausalLM`` (logits, sampling, radix cache); the layers differ."""
+
+    def _init_model(self, config, quant_config=None, prefix: str = ""):
+        return LlamaMamba2Model(config, quant_config=quant_config, prefix=prefix)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Llama's names plus ``model.layers.i.mamba.*``; a name that fits no parameter, or a parameter no
+        checkpoint tensor filled, is an error (a wrong layer list would otherwise load silently)."""
+        from sglang.srt.model_loader.weight_utils import default_weight_loader
+
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (self.config.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            if name.endswith(".mamba.A_log"):
+                name = name[: -len("A_log")] + "A"  # the parameter's loader applies A = -exp(A_log)
+            for fused, part, shard in self.stacked_params_mapping:
+                if part in name:
+                    target = name.replace(part, fused)
+                    if target not in params:
+                        raise ValueError(f"checkpoint tensor {name} has no parameter {target} in this model")
+                    params[target].weight_loader(params[target], tensor, shard)
+                    loaded.add(target)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name} fits no parameter of this model "
+                                     f"(attention layers {self.config.full_attention_layer_ids})")
+                getattr(params[name], "weight_loader", default_weight_loader)(params[name], tensor)
+                loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint leaves parameters unset: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+    def forward_split_prefill(self, *args, **kwargs):
+        raise NotImplementedError("LlamaMamba2ForCausalLM has no split prefill")
+
+    def set_eagle3_layers_to_capture(self, layer_ids=None):
+        raise NotImplementedError("LlamaMamba2ForCausalLM cannot be an EAGLE3 target")
+
+
+EntryClass = LlamaMamba2ForCausalLM
