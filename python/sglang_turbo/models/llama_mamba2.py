@@ -54,7 +54,7 @@ class LlamaMamba2Layer(nn.Module):
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
                             quant_config=quant_config, prefix=add_prefix("mlp", prefix))
 
-    def mix(self, positions, h: torch.Tensor, forward_batch) -> torch.Tensor:
+    def mix(self, h: torch.Tensor, forward_batch) -> torch.Tensor:
         # The backend holds this batch's Mamba metadata and hands the mixer its layer's state pool.
         backend = get_attn_backend().linear_attn_backend
         return backend.forward(mixer=self.mamba, hidden_states=h, output=None, layer_id=self.layer_id,
@@ -90,7 +90,7 @@ class LlamaMamba2Model(nn.Module):
         for layer in self.layers:
             h = layer.input_layernorm(x)
             if isinstance(layer, LlamaMamba2Layer):
-                h = layer.mix(positions, h, forward_batch)
+                h = layer.mix(h, forward_batch)  # no positions: the scan is ordered
             else:
                 h = layer.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch)
             x = x + h
