@@ -2,7 +2,7 @@
 Mamba radix cache) with the portable PyTorch Mamba2 ops, against the plain-PyTorch reference
 (turbo/hybrid/model.py): greedy tokens and log-probabilities for prefill and decode, chunked prefill
 (``--chunked-prefill-size 32``, prompts up to ~100 tokens), 8 concurrent requests, a radix-cache hit that
-restores a saved Mamba state, and the same output with ``--disable-radix-cache``. Two servers share the
+restores a saved Mamba state, the same output with ``--disable-radix-cache``, and TP2. Two servers share the
 module (radix cache on and off), each with a small KV pool and the default state pool.
 """
 
@@ -153,3 +153,16 @@ def test_a_layer_list_that_does_not_fit_the_model_fails_the_launch_naming_it(mod
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ServerStartError, match=r"attention_layers must be distinct ascending layer indices"):
         launch_turbo_server(bad, FLAGS, timeout_s=120, log_dir=tmp_path / "logs")
+
+
+def test_tensor_parallel_2_equals_the_reference(model_path, tokenizer, reference, tmp_path_factory):
+    """Upstream's MambaMixer2 sharding (2 of the 4 heads and groups a rank) with the portable ops, and the
+    attention layers' TP, on the two cores: greedy tokens and log-probabilities as at TP1."""
+    proc, url = _serve(model_path, [*FLAGS, "--tp-size", "2"], tmp_path_factory, "tp2")
+    try:
+        for name in ("fibonacci", "long"):
+            ids = tokenizer.encode(PROMPTS[name]).ids
+            want, want_lp = _reference_tokens_and_logprobs(reference, ids)
+            _check(_generate(url, ids), want, want_lp, f"TP2 {name}")
+    finally:
+        kill_server(proc)

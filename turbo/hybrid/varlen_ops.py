@@ -73,18 +73,16 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         raise NotImplementedError("causal_conv1d_update: the circular-buffer form (cache_seqlens) is not implemented")
     if x.dim() != 2:
         raise NotImplementedError("causal_conv1d_update: one token per request (x of shape (batch, dim)) only")
-    slots = conv_state_indices if conv_state_indices is not None else torch.arange(x.shape[0])
-    slots = slots.long()
+    _activate(x[:0], activation)  # refuses an unknown activation before any state changes
+    slots = conv_state_indices.long() if conv_state_indices is not None else torch.arange(x.shape[0])
+    rows = slots.clamp(min=0)  # pad rows compute on slot 0's window and write nothing
+    window = torch.cat([conv_state[rows].to(x.dtype), x[:, :, None]], dim=-1)  # (batch, dim, width)
+    y = (window * weight).sum(-1)  # causal_conv1d_ref at one position, without a conv launch per step
+    if bias is not None:
+        y = y + bias
     live = slots != pad_slot_id
-    out = torch.zeros_like(x)
-    if not bool(live.any()):
-        return out
-    rows = slots[live]
-    window = conv_state[rows].to(x.dtype)  # (n, dim, width - 1)
-    y, new_window = causal_conv1d_ref(x[live][:, :, None], weight, bias, window)
-    out[live] = _activate(y[:, :, 0], activation)
-    conv_state[rows] = new_window.to(conv_state.dtype)
-    return out
+    conv_state[rows[live]] = window[live, :, 1:].to(conv_state.dtype)
+    return torch.where(live[:, None], _activate(y, activation), 0.0)
 
 
 def _skip_term(D: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -162,25 +160,22 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                                   "intermediate states) is not implemented on the portable platform")
     batch, n_heads, _ = x.shape
     slots = state_batch_indices.long() if state_batch_indices is not None else torch.arange(batch)
+    rows = slots.clamp(min=0)  # pad rows compute on slot 0's state and write nothing
+    xs, dts = x.float(), dt.float()
+    if dt_bias is not None:
+        dts = dts + dt_bias.float()
+    if dt_softplus:
+        dts = F.softplus(dts)
+    rep = n_heads // B.shape[1]
+    Bh = B.float().repeat_interleave(rep, dim=1) if rep > 1 else B.float()  # (batch, n_heads, d_state)
+    Ch = C.float().repeat_interleave(rep, dim=1) if rep > 1 else C.float()
+    h = state[rows].float() * torch.exp(dts[..., None] * A.float())  # (batch, n_heads, head_dim, d_state)
+    h = h + (dts * xs)[..., None] * Bh[:, :, None, :]
+    y = (h @ Ch[..., None])[..., 0] + _skip_term(D.float() if D is not None else None, xs)
+    if z is not None:
+        y = y * F.silu(z.float())
     live = slots != pad_slot_id
-    y = torch.zeros(x.shape, dtype=torch.float32)
-    if bool(live.any()):
-        rows = slots[live]
-        xs, dts = x[live].float(), dt[live].float()
-        if dt_bias is not None:
-            dts = dts + dt_bias.float()
-        if dt_softplus:
-            dts = F.softplus(dts)
-        rep = n_heads // B.shape[1]
-        Bh = B[live].float().repeat_interleave(rep, dim=1)  # (n, n_heads, d_state)
-        Ch = C[live].float().repeat_interleave(rep, dim=1)
-        h = state[rows].float()  # (n, n_heads, head_dim, d_state)
-        h = torch.exp(dts[..., None] * A.float()) * h + (dts * xs)[..., None] * Bh[:, :, None, :]
-        ys = torch.einsum("bhpn,bhn->bhp", h, Ch) + _skip_term(D.float() if D is not None else None, xs)
-        if z is not None:
-            ys = ys * F.silu(z[live].float())
-        y[live] = ys
-        state[rows] = h.to(state.dtype)
+    state[rows[live]] = h[live].to(state.dtype)
     if out is not None:
-        out.copy_(y.to(out.dtype))
+        out.copy_(torch.where(live[:, None, None], y, 0.0).to(out.dtype))
     return None
