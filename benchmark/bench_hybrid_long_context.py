@@ -101,6 +101,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, (key, label) in zip(axes, panels):
         for system in result["systems"]:
             ax.plot(lengths, [result["table"][system][str(n)][key] for n in lengths], marker="o", label=system)
+        if key == "passkey_accuracy":
+            ax.set_ylim(-0.05, 1.05)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context tokens")
         ax.set_title(label)
