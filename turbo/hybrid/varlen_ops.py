@@ -3,9 +3,10 @@
 SGLang serves a batch as one flat token axis (prefill sequences concatenated, ``query_start_loc`` /
 ``cu_seqlens`` marking where each starts) and keeps every request's Mamba state in a pool indexed by a
 slot number (``cache_indices`` / ``state_batch_indices``; ``pad_slot_id`` marks a row to skip). Its GPU
-kernels (Triton, CUDA) do that in one launch; these do it with a loop over sequences, each through
-the reference math of :mod:`turbo.hybrid.mamba2` and :mod:`turbo.hybrid.ssd`, so the served model is the
-reference by construction and the ops are tested against the sequential scan.
+kernels (Triton, CUDA) do that in one launch. Here prefill loops over sequences, each through the
+reference functions of :mod:`turbo.hybrid.mamba2` and :mod:`turbo.hybrid.ssd`; decode writes the same
+one-step recurrence out for the whole batch (it runs once per layer per token, so fewer ops matter). All
+four are tested against the sequential scan (test/hybrid/test_varlen_ops.py).
 
 | op | SGLang's (GPU) | prefill / decode |
 | --- | --- | --- |

@@ -12,7 +12,6 @@ On the portable platform the mixer's ops are mamba_ops.py's PyTorch ones; on CUD
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 import torch
@@ -27,8 +26,6 @@ from torch import nn
 
 from ..plugin import portable_platform_active
 from . import mamba_ops
-
-logger = logging.getLogger(__name__)
 
 
 class LlamaMamba2Layer(nn.Module):
