@@ -39,7 +39,10 @@ def test_shipped_drafts_pass():
     ({"speculative_algorithm": "STANDALONE"}, "is an EAGLE head"),
     ({"speculative_draft_model_path": str(zoo_path("turbo-tiny-draft"))}, "is not an EAGLE3 head"),
     ({"model_path": str(zoo_path("turbo-tiny-eagle3")), "speculative_algorithm": None}, "not a model"),
-], ids=["no-draft", "missing-dir", "head-as-standalone", "model-as-eagle3", "head-as-target"])
+    ({"model_path": str(zoo_path("turbo-tiny-hybrid")), "speculative_algorithm": "NGRAM"}, "Llama-Mamba2 hybrid"),
+    ({"model_path": str(zoo_path("turbo-tiny-hybrid"))}, "without speculative decoding"),
+], ids=["no-draft", "missing-dir", "head-as-standalone", "model-as-eagle3", "head-as-target", "hybrid-ngram",
+        "hybrid-eagle3"])
 def test_unusable_draft_is_a_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         check_speculative_args(resolved(**overrides))

@@ -106,11 +106,23 @@ def check_target_model(model_path: str) -> None:
         )
 
 
+def check_hybrid_target(model_path: str, algorithm: str) -> None:
+    """Verifying a draft through a Mamba state needs the mixer's speculative path (intermediate states,
+    upstream's Triton conv with a draft tree), which our Llama-Mamba2 model does not run."""
+    config = _local_config(model_path)
+    if algorithm and config is not None and config.get("model_type") == "llama_mamba2":
+        raise ValueError(
+            f"--speculative-algorithm {algorithm}: {model_path} is a Llama-Mamba2 hybrid, which sglang-turbo "
+            "serves without speculative decoding (see docs/hybrid.md, Limits); drop the speculative flags"
+        )
+
+
 def check_speculative_args(cfg) -> None:
     """After resolution (``cfg``: the resolved view, where upstream has filled in the draft path of
     models with built-in MTP layers and the auto tree shape)."""
     check_target_model(str(cfg.model_path))
     algorithm = (cfg.speculative_algorithm or "").upper()
+    check_hybrid_target(str(cfg.model_path), algorithm)
     if algorithm not in DRAFT_MODEL_ALGORITHMS:
         return
     check_draft_model(algorithm, str(cfg.model_path), cfg.speculative_draft_model_path)
