@@ -30,6 +30,8 @@ from .mamba2 import Mamba2Config, Mamba2Mixer
 ARCHITECTURE = "LlamaMamba2ForCausalLM"
 MODEL_TYPE = "llama_mamba2"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# The mixer-shape fields of config.json, each an int with HybridLlamaConfig's default when absent.
+MAMBA_FIELDS = ("mamba_n_heads", "mamba_head_dim", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_chunk_size")
 
 
 @dataclass(frozen=True)
@@ -67,16 +69,13 @@ class HybridLlamaConfig(LlamaShape):
 
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> HybridLlamaConfig:
-        extra = {k: int(cfg[k]) for k in ("mamba_n_heads", "mamba_head_dim", "mamba_n_groups", "mamba_d_state",
-                                          "mamba_d_conv", "mamba_chunk_size") if k in cfg}
+        extra = {k: int(cfg[k]) for k in MAMBA_FIELDS if k in cfg}
         return cls(**LlamaShape.hf_fields(cfg), attention_layers=tuple(cfg.get("attention_layers", ())), **extra)
 
     def hf_fields(self) -> dict:
         """The config.json entries a hybrid adds to its Llama config."""
         return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "attention_layers": list(self.attention_layers),
-                "mamba_n_heads": self.mamba_n_heads, "mamba_head_dim": self.mamba_head_dim,
-                "mamba_n_groups": self.mamba_n_groups, "mamba_d_state": self.mamba_d_state,
-                "mamba_d_conv": self.mamba_d_conv, "mamba_chunk_size": self.mamba_chunk_size}
+                **{k: getattr(self, k) for k in MAMBA_FIELDS}}
 
 
 class HybridLayer(nn.Module):

@@ -20,7 +20,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, LlamaConfig
 
-from turbo.hybrid.model import ARCHITECTURE, MODEL_TYPE, HybridLlamaConfig
+from turbo.hybrid.model import ARCHITECTURE, MAMBA_FIELDS, MODEL_TYPE, HybridLlamaConfig
 
 # SGLang's Mamba2 backend: our config opts in through LinearAttnModelSpec, not by subclassing a model.
 MAMBA2_BACKEND = "sglang.srt.layers.attention.hybrid_linear_attn_backend.Mamba2AttnBackend"
@@ -28,23 +28,22 @@ MAMBA2_BACKEND = "sglang.srt.layers.attention.hybrid_linear_attn_backend.Mamba2A
 
 @strict
 class LlamaMamba2Config(LlamaConfig):
+    """A Llama config plus ``attention_layers`` and the ``mamba_*`` fields of turbo's ``HybridLlamaConfig``
+    (which gives each absent one its default)."""
+
     model_type = MODEL_TYPE
 
     attention_layers: list[int] | None = None
-    mamba_n_heads: int = 4
-    mamba_head_dim: int = 64
-    mamba_n_groups: int = 4
-    mamba_d_state: int = 64
-    mamba_d_conv: int = 4
-    mamba_chunk_size: int = 64
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.attention_layers = list(self.attention_layers or [])
         try:
-            self.reference_config()
+            reference = self.reference_config()
         except ValueError as e:
             raise ValueError(f"{MODEL_TYPE} config.json: {e}") from None
+        for name in MAMBA_FIELDS:
+            setattr(self, name, getattr(reference, name))
 
     def reference_config(self) -> HybridLlamaConfig:
         """The same fields as turbo's reference config (raises ValueError for a shape that cannot be)."""
