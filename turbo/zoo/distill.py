@@ -19,13 +19,11 @@ Seeded end to end: the same preset on the same Python and torch gives the same w
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .presets import PRESETS, WEIGHTS_DIR, TinyLlamaConfig, zoo_path
+from .presets import PRESETS, TinyLlamaConfig, zoo_path
 from .train import (
     build_streams, create_model, create_optimizer, lr_at, perplexity, plot_losses, sample_windows, start_run,
 )
@@ -260,22 +258,11 @@ def distill(cfg: TinyLlamaConfig, out_dir: Path, threads: int | None = None, max
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    distilled = sorted(name for name, cfg in PRESETS.items() if cfg.teacher)
-    parser.add_argument("--preset", default="turbo-tiny-draft", choices=distilled)
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the shipped one)")
-    parser.add_argument("--steps", type=int, default=None, help="override the preset's step count")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = PRESETS[args.preset]
-    if args.steps is not None:
-        from dataclasses import replace
+    from .finetune import recipe_main  # here, not at the top: finetune imports this module's distill_loss
 
-        cfg = replace(cfg, steps=args.steps)
-    results = distill(cfg, args.out or WEIGHTS_DIR / cfg.name, threads=args.threads)
-    json.dump({k: results[k] for k in ("heldout_perplexity", "greedy_agreement")}, sys.stdout)
-    print()
+    distilled = {name: cfg for name, cfg in PRESETS.items() if cfg.teacher}
+    recipe_main(argv, __doc__.splitlines()[0], distilled, "turbo-tiny-draft", distill,
+                report=("heldout_perplexity", "greedy_agreement"))
 
 
 if __name__ == "__main__":

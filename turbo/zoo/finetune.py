@@ -142,9 +142,11 @@ def run_conversion_recipe(cfg: FinetuneConfig, out_dir: Path, threads: int | Non
     }, title=f"{cfg.name}: {stage} loss")
 
 
-def recipe_main(argv: list[str] | None, description: str, presets: dict, default: str, run: Callable) -> None:
-    """The command line of a conversion recipe: ``--preset NAME [--out DIR] [--steps N] [--threads N]``;
-    prints the held-out perplexities."""
+def recipe_main(argv: list[str] | None, description: str, presets: dict, default: str, run: Callable,
+                report: tuple[str, ...] | None = None) -> None:
+    """The command line of a recipe that makes a model from a zoo model (conversions, drafts):
+    ``--preset NAME [--out DIR] [--steps N] [--threads N]``; prints the results named in ``report`` as JSON
+    (default: every held-out perplexity)."""
     import argparse
     import sys
     from dataclasses import replace
@@ -162,5 +164,6 @@ def recipe_main(argv: list[str] | None, description: str, presets: dict, default
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)
     results = run(cfg, args.out or WEIGHTS_DIR / cfg.name, threads=args.threads)
-    json.dump({k: v for k, v in results.items() if k.startswith("heldout")}, sys.stdout)
+    keys = report or [k for k in results if k.startswith("heldout")]
+    json.dump({k: results[k] for k in keys}, sys.stdout)
     print()
