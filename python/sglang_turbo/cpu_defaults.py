@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import env
 from .distributed import apply_cpu_tp_defaults
+from .graph_runner import route_to_compiled_model
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def apply_cpu_defaults(args) -> None:
     apply_cpu_tp_defaults(args)  # several ranks on this node: each gets its share of the cores
     if not _user_set(args, "max_total_tokens") and args.model_path:
         args.max_total_tokens = default_pool_tokens(str(args.model_path), args.dtype)
+    route_to_compiled_model(args)  # --enable-torch-compile: the Llama class dynamo can trace
     if not _user_set(args, "max_mamba_cache_size") and args.model_path:
         slots = default_mamba_cache_size(str(args.model_path))
         if slots is not None:

@@ -62,8 +62,10 @@ class TurboCpuPlatform(CpuDeviceMixin, SRTPlatform):
     _enum = PlatformEnum.OOT
     device_name = "cpu"
     device_type = "cpu"
-    # No Triton, no graph capture: every kernel path SGLang picks is torch-native.
-    capabilities = PlatformCapabilities()
+    # No Triton: every kernel path SGLang picks is torch-native. graph_capture lets
+    # --enable-torch-compile reach upstream's CPUGraphRunner (torch.compile of decode per
+    # batch size); without that flag SGLang captures nothing on CPU.
+    capabilities = PlatformCapabilities(graph_capture=True)
 
     def is_pin_memory_available(self, device=None) -> bool:
         return False
@@ -91,6 +93,12 @@ class TurboCpuPlatform(CpuDeviceMixin, SRTPlatform):
         from .speculative import SUPPORTED_ALGORITHMS
 
         return algorithm.upper() in SUPPORTED_ALGORITHMS
+
+    def get_graph_runner_cls(self):
+        """Decode through torch.compile (``--enable-torch-compile``); see graph_runner.py."""
+        from .graph_runner import TurboCpuGraphRunner
+
+        return TurboCpuGraphRunner
 
     def get_kv_pool_cls(self, *, kind):
         if kind != "mha":

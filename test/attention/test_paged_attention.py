@@ -51,6 +51,33 @@ def test_extend_with_cached_prefix_matches_reference(seed, n_heads, n_kv_heads, 
     assert err < 1e-5, f"max abs error {err} for {q_lens=} {kv_lens=}"
 
 
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", HEADS)
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_single_request_decode_reads_consecutive_slots_as_a_view(consecutive, n_heads, n_kv_heads, head_dim):
+    """One decoding request: consecutive slots take the no-gather, no-mask path; others the general one."""
+    torch.manual_seed(0)
+    kc, vc = torch.randn(N_SLOTS, n_kv_heads, head_dim), torch.randn(N_SLOTS, n_kv_heads, head_dim)
+    r2t = torch.randint(0, N_SLOTS, (N_POOL_ROWS, MAX_CTX), dtype=torch.int32)
+    kv_len = 57
+    slots = torch.arange(100, 100 + kv_len) if consecutive else torch.randperm(N_SLOTS)[:kv_len]
+    r2t[3, :kv_len] = slots.to(torch.int32)
+    q = torch.randn(1, n_heads, head_dim)
+    batch = PagedBatch.build(r2t, torch.tensor([3]), [1], [kv_len], n_heads // n_kv_heads)
+    assert batch.kv_start == (100 if consecutive else None)
+    out = paged_attention(q, kc, vc, batch, head_dim**-0.5)
+    ref = paged_attention_ref(q, kc, vc, r2t, [3], [1], [kv_len], head_dim**-0.5)
+    err = (out - ref).abs().max().item()
+    assert err < 1e-5, f"max abs error {err}"
+
+
+def test_view_path_is_only_for_one_decode_query():
+    """Extend (causal mask needed) and batches (rows of different lengths) always gather."""
+    r2t = torch.arange(N_POOL_ROWS * MAX_CTX, dtype=torch.int32).view(N_POOL_ROWS, MAX_CTX) % N_SLOTS
+    assert PagedBatch.build(r2t, torch.tensor([0]), [4], [20], 2).kv_start is None
+    assert PagedBatch.build(r2t, torch.tensor([0, 1]), [1, 1], [20, 20], 2).kv_start is None
+    assert PagedBatch.build(r2t, torch.tensor([0]), [1], [20], 2).kv_start == 0
+
+
 def test_non_causal_extend_sees_every_key():
     """Encoder-only layers: every query sees the whole sequence."""
     q, kc, vc, r2t, pool, q_lens, kv_lens = _case(7, 4, 2, 16, lambda rng, n: n)

@@ -18,7 +18,13 @@ page faults cost more than the copy. Gathering 11,152 scattered slots of
 (2, 64) float32, 2 threads (2026-11-25): 2,640 us into a new tensor, 306 us into
 a reused one (3D ``index_select`` into a new tensor is also 4x slower than 2D).
 
-Decode is the special case of one query token per request. Speculative
+Decode is the special case of one query token per request. A single request
+decoding over slots that happen to be consecutive (the common case: SGLang hands
+one request's tokens out from the head of its free list) needs neither the gather
+nor the mask: K/V are a view of the pool, and every key is visible
+(``PagedBatch.kv_start``; 1,500 slots: 24 us gather + mask vs a 2 us view).
+
+ Speculative
 decoding adds two shapes: verifying a draft *tree* (``block_mask``: each new
 token sees the cached prefix and only its own ancestors among the new tokens)
 and draft steps whose rows read slots that are not one ``req_to_token`` row
@@ -43,6 +49,8 @@ class PagedBatch:
     q_dest:    (n_tokens,) long, row of each packed query token in the padded (bsz * max_q) layout,
                or None when every request has exactly one query token (decode)
     bsz, max_q, group: padded sizes; group = n_heads // n_kv_heads
+    kv_start:  first slot when the batch is one decode query over consecutive slots
+               ``kv_start .. kv_start + max_kv - 1`` (K/V are then a view and no mask is needed), else None
     """
 
     kv_slots: torch.Tensor
@@ -51,6 +59,7 @@ class PagedBatch:
     bsz: int
     max_q: int
     group: int
+    kv_start: int | None = None
     _additive: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
@@ -123,7 +132,15 @@ class PagedBatch:
         q_dest = None
         if max_q > 1 or min(q_lens) != 1:
             q_dest = torch.cat([torch.arange(n, device=device) + i * max_q for i, n in enumerate(q_lens)])
-        return cls(kv_slots=kv_slots, mask=mask, q_dest=q_dest, bsz=bsz, max_q=max_q, group=group)
+        kv_start = None
+        if bsz == 1 and max_q == 1 and _consecutive(kv_slots[0]):
+            kv_start = int(kv_slots[0, 0])
+        return cls(kv_slots=kv_slots, mask=mask, q_dest=q_dest, bsz=bsz, max_q=max_q, group=group, kv_start=kv_start)
+
+
+def _consecutive(slots: torch.Tensor) -> bool:
+    """True when ``slots`` is ``a, a + 1, ..., a + n - 1``."""
+    return slots.numel() == 1 or bool((slots[1:] - slots[:-1] == 1).all())
 
 
 def block_mask_from_full_layout(flat: torch.Tensor, prefix_lens: list[int], n_new: int) -> torch.Tensor:
@@ -202,12 +219,17 @@ def paged_attention(
     # Rows of one KV head: its `group` query heads for every query position.
     q_rows = q_pad.view(bsz, max_q, n_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
     q_rows = q_rows.reshape(bsz, n_kv_heads, max_q * group, head_dim)  # (bsz, n_kv_heads, rows, head_dim)
-    k, v = (workspace or GatherWorkspace()).gather(k_cache, v_cache, batch.kv_slots.view(-1))
+    if batch.kv_start is not None:  # one request, consecutive slots: a view, and every key is visible
+        k, v = k_cache.narrow(0, batch.kv_start, max_kv), v_cache.narrow(0, batch.kv_start, max_kv)
+        mask = None
+    else:
+        k, v = (workspace or GatherWorkspace()).gather(k_cache, v_cache, batch.kv_slots.view(-1))
+        mask = batch.additive_mask(q.dtype)
     k = k.view(bsz, max_kv, n_kv_heads, head_dim).transpose(1, 2)
     v = v.view(bsz, max_kv, n_kv_heads, v_dim).transpose(1, 2)
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
-    out = scaled_dot_product_attention(q_rows, k, v, attn_mask=batch.additive_mask(q.dtype), scale=scale)
+    out = scaled_dot_product_attention(q_rows, k, v, attn_mask=mask, scale=scale)
     # out: (bsz, n_kv_heads, rows, v_dim) -> packed (n_tokens, n_heads, v_dim)
     out = out.view(bsz, n_kv_heads, max_q, group, v_dim).permute(0, 2, 1, 3, 4).reshape(bsz * max_q, n_heads, v_dim)
     return out if batch.q_dest is None else out[batch.q_dest]

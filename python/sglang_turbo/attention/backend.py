@@ -4,10 +4,17 @@ Registered through SGLang's attention registry (``--attention-backend turbo_nati
 and the portable CPU platform's default. Only wiring lives here: it turns a
 ``ForwardBatch`` into a :class:`turbo.attention.paged.PagedBatch` once per
 forward and calls :func:`turbo.attention.paged.paged_attention` per layer.
+
+Under ``--enable-torch-compile`` (SGLang's CPU graphs: the decode forward compiled
+once per batch size, see docs/serving.md) a layer's attention is the opaque op
+``turbo::paged_attention``: its layout changes every step (request lengths, slots),
+so it must run eagerly, read at call time, while everything around it (projections,
+rotary, norms, MLP) is fused by inductor.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +41,11 @@ class BatchLayout:
     kv_lens: list[int]
     kv_slots: torch.Tensor  # (bsz, >= max(kv_lens)) pool slots of each row's keys
     block_mask: torch.Tensor | None = None  # (bsz, q, q) draft-tree visibility, verify only
+    out_cache_loc: torch.Tensor | None = None  # where this forward's new K/V go (read by the compiled op)
+
+
+# Backends by id, for the compiled op: a graph can hold only ints, not the backend object.
+_LIVE_BACKENDS: "weakref.WeakValueDictionary[int, TurboNativeAttnBackend]" = weakref.WeakValueDictionary()
 
 
 class TurboNativeAttnBackend(AttentionBackend):
@@ -55,6 +67,8 @@ class TurboNativeAttnBackend(AttentionBackend):
         self._layout: BatchLayout | None = None
         self._batches: dict[tuple[int, bool], PagedBatch] = {}
         self._workspace = GatherWorkspace()  # this runner's gathered K/V, reused by every layer
+        self._layers: dict[int, RadixAttention] = {}  # by layer id, for the compiled op
+        _LIVE_BACKENDS[id(self)] = self
 
     # ------------------------------------------------------------------ per forward
     def init_forward_metadata(self, forward_batch: ForwardBatch):
@@ -80,7 +94,23 @@ class TurboNativeAttnBackend(AttentionBackend):
         else:
             raise NotImplementedError(f"{BACKEND_NAME} does not serve forward mode {mode.name}")
         kv_slots = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, : max(kv_lens)]
-        self.set_layout(BatchLayout(q_lens, kv_lens, kv_slots.to(torch.long), block_mask))
+        self.set_layout(BatchLayout(q_lens, kv_lens, kv_slots.to(torch.long), block_mask, forward_batch.out_cache_loc))
+
+    # ------------------------------------------------------------------ CPU graphs (--enable-torch-compile)
+    def init_cpu_graph_state(self, max_bs: int, max_num_tokens: int):
+        pass  # nothing static: the op reads each step's layout eagerly
+
+    def get_cpu_graph_seq_len_fill_value(self):
+        return 1  # padded rows of a captured batch attend to one key (slot 0), so their softmax is finite
+
+    def init_forward_metadata_capture_cpu_graph(
+        self, bs, num_tokens, req_pool_indices, seq_lens, out_cache_loc, encoder_lens, forward_mode, spec_info
+    ):
+        if not forward_mode.is_decode() or spec_info is not None:
+            raise NotImplementedError(f"{BACKEND_NAME} CPU graphs are plain decode only, not {forward_mode.name}")
+        kv_lens = seq_lens.tolist()
+        kv_slots = self.req_to_token_pool.req_to_token[req_pool_indices, : max(kv_lens)].to(torch.long)
+        self.set_layout(BatchLayout([1] * bs, kv_lens, kv_slots, None, out_cache_loc))
 
     def set_layout(self, layout: BatchLayout | None) -> None:
         self._layout = layout
@@ -97,13 +127,20 @@ class TurboNativeAttnBackend(AttentionBackend):
 
     # ------------------------------------------------------------------ per layer
     def _forward(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool):
+        if torch.compiler.is_compiling():
+            out_width = layer.tp_q_head_num * layer.v_head_dim
+            return torch.ops.turbo.paged_attention(q, k, v, id(self), layer.layer_id, out_width, save_kv_cache)
+        self._layers[layer.layer_id] = layer  # the graph runner's eager warm-up fills this before compiling
+        return self._attend(q, k, v, layer, forward_batch.out_cache_loc, save_kv_cache)
+
+    def _attend(self, q, k, v, layer: RadixAttention, out_cache_loc: torch.Tensor, save_kv_cache: bool):
         if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
             raise NotImplementedError(
                 f"{BACKEND_NAME} serves full self-attention only (layer {layer.layer_id} is "
                 "cross- or sliding-window attention); use --attention-backend torch_native"
             )
         if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(out_cache_loc, None), k, v)
         causal = layer.attn_type != AttentionType.ENCODER_ONLY
         batch = self._paged_batch(layer.tp_q_head_num // layer.tp_k_head_num, causal)
         out = paged_attention(
@@ -124,6 +161,32 @@ class TurboNativeAttnBackend(AttentionBackend):
 
     def support_triton(self):
         return False
+
+
+# ``turbo::paged_attention``: one layer's attention inside a compiled forward, run eagerly with the
+# backend's current layout. Defined with the plain library API rather than ``torch.library.custom_op``,
+# whose autograd wrapper cost ~100 us a call on this CPU (7% of a decode step at batch 1).
+_LIBRARY = torch.library.Library("turbo", "DEF")
+_LIBRARY.define(
+    "paged_attention(Tensor q, Tensor k, Tensor v, int backend_id, int layer_id, int out_width, "
+    "bool save_kv_cache) -> Tensor"
+)
+
+
+def _paged_attention_op(q, k, v, backend_id: int, layer_id: int, out_width: int, save_kv_cache: bool):
+    """Writes the layer's new K/V into the pool, a side effect the graph does not see; nothing in
+    the graph reads the pool, so no reordering can observe it."""
+    backend = _LIVE_BACKENDS[backend_id]
+    layer = backend._layers[layer_id]
+    return backend._attend(q, k, v, layer, backend._layout.out_cache_loc, save_kv_cache)
+
+
+_LIBRARY.impl("paged_attention", _paged_attention_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("turbo::paged_attention")
+def _(q, k, v, backend_id, layer_id, out_width, save_kv_cache):
+    return q.new_empty(q.shape[0], out_width)
 
 
 def _cpu_list(cpu_values, values) -> list[int]:

@@ -1,11 +1,11 @@
 """``LlamaMamba2ForCausalLM``: the Llama-Mamba2 hybrid of turbo/hybrid/model.py, served by SGLang.
 
 Layers in ``attention_layers`` are upstream's ``LlamaDecoderLayer`` (``RadixAttention``, rotary, KV in the
-token pool); the others are a Llama layer whose token mixer is upstream's ``MambaMixer2``, run through
+token pool, built by turbo_llama.py's plain-residual model); the others are a Llama layer whose token mixer is upstream's ``MambaMixer2``, run through
 the ``Mamba2AttnBackend`` that SGLang wraps next to the attention backend for a registered hybrid (see
 llama_mamba2_config.py). Each request's conv window and scan state live in SGLang's Mamba state pool, and
-the Mamba radix cache saves them with a cached prefix. The residual stream is written out here (each
-sub-layer reduces its own output under TP), the same arithmetic as the reference.
+the Mamba radix cache saves them with a cached prefix. The residual stream is written out in
+``TurboLlamaModel`` (each sub-layer reduces its own output under TP), the same arithmetic as the reference.
 
 On the portable platform the mixer's ops are mamba_ops.py's PyTorch ones; on CUDA, upstream's kernels.
 """
@@ -17,15 +17,14 @@ from typing import Iterable
 import torch
 from sglang.srt.layers.attention.mamba.mamba import MambaMixer2
 from sglang.srt.layers.layernorm import RMSNorm
-from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from sglang.srt.model_executor.forward_context import get_attn_backend
-from sglang.srt.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
-from sglang.srt.runtime_context import get_parallel
+from sglang.srt.models.llama import LlamaForCausalLM, LlamaMLP
 from sglang.srt.utils import add_prefix
 from torch import nn
 
 from ..plugin import portable_platform_active
 from . import mamba_ops
+from .turbo_llama import TurboLlamaModel
 
 
 class LlamaMamba2Layer(nn.Module):
@@ -58,41 +57,24 @@ class LlamaMamba2Layer(nn.Module):
                                forward_batch=forward_batch)
 
 
-class LlamaMamba2Model(nn.Module):
-    """Embedding, the hybrid layers, the final norm; ``forward`` returns the normed hidden states."""
+class LlamaMamba2Model(TurboLlamaModel):
+    """turbo_llama's plain-residual Llama with a Mamba2 mixer in the layers outside ``attention_layers``."""
 
     def __init__(self, config, quant_config=None, prefix: str = "") -> None:
-        super().__init__()
-        if get_parallel().pp_group.world_size > 1:
-            raise ValueError("LlamaMamba2ForCausalLM supports tensor parallelism only; run it with --pp-size 1")
         if portable_platform_active():
             mamba_ops.bind_conv_ops()
-        self.config = config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config,
-                                                   prefix=add_prefix("embed_tokens", prefix))
-        attention = set(config.full_attention_layer_ids)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, layer_id=i, quant_config=quant_config, prefix=add_prefix(f"layers.{i}", prefix),
-                              stage_boundaries=False)  # plain residual: each sub-layer reduces its own output
-            if i in attention else
-            LlamaMamba2Layer(config, i, quant_config=quant_config, prefix=add_prefix(f"layers.{i}", prefix))
-            for i in range(config.num_hidden_layers)
-        )
-        self.start_layer, self.end_layer = 0, config.num_hidden_layers  # what LlamaForCausalLM's loader reads
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.layers_to_capture: list[int] = []
+        self._attention_layers = set(config.full_attention_layer_ids)
+        super().__init__(config, quant_config=quant_config, prefix=prefix)
 
-    def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None):
-        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # (n_tokens, hidden)
-        for layer in self.layers:
-            h = layer.input_layernorm(x)
-            if isinstance(layer, LlamaMamba2Layer):
-                h = layer.mix(h, forward_batch)  # no positions: the scan is ordered
-            else:
-                h = layer.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch)
-            x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x), forward_batch=forward_batch)
-        return self.norm(x)
+    def make_layer(self, config, layer_id: int, quant_config, prefix: str) -> nn.Module:
+        if layer_id in self._attention_layers:
+            return super().make_layer(config, layer_id, quant_config, prefix)
+        return LlamaMamba2Layer(config, layer_id, quant_config=quant_config, prefix=prefix)
+
+    def mix_tokens(self, layer, h, positions, forward_batch):
+        if isinstance(layer, LlamaMamba2Layer):
+            return layer.mix(h, forward_batch)  # no positions: the scan is ordered
+        return super().mix_tokens(layer, h, positions, forward_batch)
 
 
 class LlamaMamba2ForCausalLM(LlamaForCausalLM):

@@ -1,0 +1,202 @@
+"""CPU graphs: the decode forward through ``torch.compile``, behind ``--enable-torch-compile``.
+
+SGLang's decode-graph seam (``SRTPlatform.get_graph_runner_cls``) asks the platform
+for a runner with ``can_run_graph(forward_batch)`` and ``execute(forward_batch)``.
+Upstream's ``CPUGraphRunner`` needs sgl_kernel's CPU operators (it registers fake
+implementations for them), which the PyPI wheel does not ship, and compiles one
+static graph per batch size. This runner is the portable form:
+
+* one compiled forward with a dynamic batch dimension (plus the batch-1 graph that
+  dynamo always specialises), compiled at start-up by warm-up batches, so serving
+  never waits for a compile and start-up does not grow with the number of sizes;
+* attention is ``turbo::paged_attention`` (``attention/backend.py``), opaque to the
+  compiler, so the per-step layout (request lengths, slots) is read at call time
+  and no live batch needs padding to a captured size;
+* inductor fuses what is left: projections, rotary, norms, the MLP, the logits.
+
+Why it pays on CPU: a tiny model's decode step is dominated by Python in SGLang's
+layer code, not by arithmetic (docs/benchmarks.md); a compiled graph runs as
+generated C++ with one guard check per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint architectures the compiled path serves, and the class it serves them with.
+COMPILED_ARCHITECTURES = {"LlamaForCausalLM": "TurboLlamaForCausalLM", "TurboLlamaForCausalLM": "TurboLlamaForCausalLM"}
+
+
+def _architecture(model_path: str) -> str | None:
+    try:
+        archs = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or [None]
+    except (OSError, ValueError):
+        return None
+    return archs[0]
+
+
+def route_to_compiled_model(args) -> None:
+    """Under ``--enable-torch-compile``, serve a ``LlamaForCausalLM`` checkpoint with
+    models/turbo_llama.py's class (upstream's layers stop the compiler), through upstream's own
+    ``--json-model-override-args``; an ``architectures`` the user put there wins."""
+    if not getattr(args, "enable_torch_compile", False) or not args.model_path:
+        return
+    target = COMPILED_ARCHITECTURES.get(_architecture(str(args.model_path)) or "")
+    if target is None:
+        return  # check_cpu_graph_args refuses it at launch
+    overrides = json.loads(args.json_model_override_args or "{}")
+    if "architectures" not in overrides:
+        overrides["architectures"] = [target]
+        args.json_model_override_args = json.dumps(overrides)
+
+
+def check_cpu_graph_args(cfg) -> None:
+    """Launch-time refusals (``cfg``: resolved server args), so a bad combination is a usage error
+    rather than a scheduler that dies while compiling."""
+    from .plugin import portable_platform_active
+
+    if not cfg.enable_torch_compile or not portable_platform_active():
+        return  # on CUDA, upstream's graphs and compile path
+    arch = _architecture(str(cfg.model_path))
+    overridden = json.loads(cfg.json_model_override_args or "{}").get("architectures", [arch])[0]
+    if overridden not in COMPILED_ARCHITECTURES.values():
+        if arch in COMPILED_ARCHITECTURES:  # a Llama checkpoint, steered elsewhere by the user's override
+            raise ValueError(
+                f"--enable-torch-compile with --json-model-override-args architectures {overridden}: compiled "
+                "decode on the portable CPU platform needs TurboLlamaForCausalLM (upstream's Llama layers stop "
+                "torch.compile); drop the override"
+            )
+        raise ValueError(
+            f"--enable-torch-compile: on the portable CPU platform sglang-turbo compiles Llama checkpoints "
+            f"(architecture LlamaForCausalLM); {cfg.model_path} is {arch}, which is served eagerly: drop the flag"
+        )
+    if cfg.speculative_algorithm:
+        raise ValueError(
+            "--enable-torch-compile on the portable CPU platform compiles plain decode only; "
+            f"drop it or drop --speculative-algorithm {cfg.speculative_algorithm}"
+        )
+    if cfg.tp_size > 1 or cfg.pp_size > 1:
+        raise ValueError("--enable-torch-compile on the portable CPU platform runs one rank; drop it or --tp-size/--pp-size")
+
+
+# Decode batches up to this size run on one thread. A batch-1 step is ~50 tiny kernels; on 2 cores
+# shared with the tokenizer and detokenizer processes, a second OpenMP thread mostly waits for a
+# descheduled partner (batch-1 SDPA: 40 us on 1 thread, ~350 us on 2 inside the server, 2026-12-02).
+# Larger batches have enough work per kernel to gain from both cores.
+ONE_THREAD_MAX_BS = 4
+
+# Warm-up sizes: 1 (dynamo specialises size 1), then more so the batch dimension is compiled as
+# dynamic (automatic dynamic shapes mark a dimension once it changes), on each thread count a step
+# can run with (the thread count is part of dynamo's guards: another one is another graph).
+WARMUP_BATCH_SIZES = (1, 2, 3, ONE_THREAD_MAX_BS + 1, ONE_THREAD_MAX_BS + 2)
+
+
+class TurboCpuGraphRunner:
+    """Runs plain decode batches of at most ``max_bs`` requests through the compiled forward."""
+
+    def __init__(self, model_runner: ModelRunner):
+        from sglang.srt.runtime_context import get_exec
+
+        self.model_runner = model_runner
+        if not model_runner.spec_algorithm.is_none() or model_runner.is_draft_worker:
+            raise ValueError(
+                "--enable-torch-compile on the portable CPU platform compiles plain decode only; "
+                "drop it or drop --speculative-algorithm"
+            )
+        backend = model_runner.attn_backend
+        if not hasattr(backend, "init_forward_metadata_capture_cpu_graph"):
+            raise ValueError(f"--enable-torch-compile on CPU needs --attention-backend turbo_native, not {backend!r}")
+        self.capture_bs = sorted(set(get_exec().graph.cuda_graph_config.decode.bs))
+        self.max_bs = max(self.capture_bs)
+        self.bs = None  # read by SGLang's logging: this runner never pads a batch
+        model = model_runner.model
+        # The layers are compiled, the logits processor is not: it branches on per-request options
+        # (logprobs, hidden states) that would each be a guard and a recompile.
+        self._eager_body = torch.no_grad()(model.model.forward)
+        self._body = self._eager_body
+        self._warm = False  # guards are evaluated until every graph has been compiled
+        self._run(self._warmup_batch(1))  # eager: the attention backend learns its layers
+        self._body = torch.compile(self._eager_body, dynamic=None)
+        tic = time.perf_counter()
+        for bs in WARMUP_BATCH_SIZES:
+            if bs <= self.max_bs:
+                self._run(self._warmup_batch(bs))
+        self._warm = True
+        logger.info(
+            "CPU graph: decode forward compiled for batch sizes 1..%d in %.1f s", self.max_bs, time.perf_counter() - tic
+        )
+
+    def can_run_graph(self, forward_batch: ForwardBatch) -> bool:
+        return forward_batch.forward_mode.is_decode() and forward_batch.batch_size <= self.max_bs
+
+    def execute(self, forward_batch: ForwardBatch, pp_proxy_tensors=None):
+        if pp_proxy_tensors is not None:
+            raise NotImplementedError("CPU graphs do not run pipeline parallelism")
+        return self._run(forward_batch)
+
+    def _run(self, forward_batch: ForwardBatch):
+        from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+        backend = self.model_runner.attn_backend
+        backend.init_forward_metadata(forward_batch)
+        model = self.model_runner.model
+        threads = torch.get_num_threads()
+        if forward_batch.batch_size <= ONE_THREAD_MAX_BS:
+            torch.set_num_threads(1)
+        try:
+            with forward_context(ForwardContext(attn_backend=backend), forward_batch=forward_batch):
+                # Once every graph exists, dynamo checks only what tells them apart (batch 1 or not):
+                # the full guard set cost ~0.6 ms a step, and nothing else here varies between steps.
+                hidden = self._compiled_body(forward_batch)
+                return model.logits_processor(forward_batch.input_ids, hidden, model.lm_head, forward_batch)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _compiled_body(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        args = (forward_batch.input_ids, forward_batch.positions, forward_batch)
+        if not self._warm:
+            return self._body(*args)
+        try:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self._body(*args)
+        except RuntimeError as e:  # a batch the warm-up did not foresee: compile for it, guards on
+            if "Recompilation triggered" not in str(e):
+                raise
+            logger.warning("CPU graph: compiling for an unforeseen decode batch (batch size %d)", forward_batch.batch_size)
+            return self._body(*args)
+
+    def _warmup_batch(self, bs: int) -> ForwardBatch:
+        """A decode batch of ``bs`` one-token requests on the reserved request row 0 and KV slot 0."""
+        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+
+        zeros = torch.zeros(bs, dtype=torch.int64)
+        ones = torch.ones(bs, dtype=torch.int64)
+        forward_batch = ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            batch_size=bs,
+            input_ids=zeros.clone(),
+            req_pool_indices=zeros.clone(),
+            seq_lens=ones.clone(),
+            seq_lens_cpu=ones.clone(),
+            out_cache_loc=zeros.clone(),
+            seq_lens_sum=bs,
+            return_logprob=False,
+            positions=zeros.clone(),
+            spec_algorithm=self.model_runner.spec_algorithm,
+            capture_hidden_mode=CaptureHiddenMode.NULL,
+            global_forward_mode=ForwardMode.DECODE,
+        )
+        self.model_runner.kv_index_translator.bind_runner_slots(forward_batch)
+        return forward_batch

@@ -1,0 +1,78 @@
+"""``TurboLlamaForCausalLM``: upstream's Llama with its residual stream written out, for CPU graphs.
+
+Upstream's ``LlamaDecoderLayer`` hands its residual to SGLang's stage-boundary machinery
+(``layers/layer_boundary``), which fuses the add, the norm and the all-reduce on GPUs. Its
+``Contribution`` objects stop ``torch.compile``: 44 graph breaks per decode forward of turbo-tiny,
+and the compiled forward was *slower* than eager (68 vs 77 tok/s at batch 1, measured
+2026-12-02). Here the same layers are built with ``stage_boundaries=False`` (each sub-layer
+reduces its own output under TP) and the model adds the residual itself, which dynamo traces as
+one graph. Same parameters, same weight names, same arithmetic; upstream's ``LlamaForCausalLM``
+supplies the rest (weight loading, logits, sampling).
+
+It is not registered under upstream's name: cpu_defaults.py points a ``LlamaForCausalLM``
+checkpoint at it only under ``--enable-torch-compile`` on the portable platform. The
+Llama-Mamba2 hybrid (llama_mamba2.py) is this model with some token mixers swapped.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from sglang.srt.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from sglang.srt.runtime_context import get_parallel
+from sglang.srt.utils import add_prefix
+from torch import nn
+
+ARCHITECTURE = "TurboLlamaForCausalLM"
+
+
+class TurboLlamaModel(nn.Module):
+    """Embedding, the layers, the final norm; ``forward`` returns the normed hidden states."""
+
+    def __init__(self, config, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        if get_parallel().pp_group.world_size > 1:
+            raise ValueError(f"{type(self).__name__} supports tensor parallelism only; run it with --pp-size 1")
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config,
+                                                   prefix=add_prefix("embed_tokens", prefix))
+        self.layers = nn.ModuleList(
+            self.make_layer(config, i, quant_config, add_prefix(f"layers.{i}", prefix))
+            for i in range(config.num_hidden_layers)
+        )
+        self.start_layer, self.end_layer = 0, config.num_hidden_layers  # what LlamaForCausalLM's loader reads
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layers_to_capture: list[int] = []
+
+    def make_layer(self, config, layer_id: int, quant_config, prefix: str) -> nn.Module:
+        # Plain residual: each sub-layer reduces its own output, no stage boundaries.
+        return LlamaDecoderLayer(config, layer_id=layer_id, quant_config=quant_config, prefix=prefix,
+                                 stage_boundaries=False)
+
+    def mix_tokens(self, layer: nn.Module, h: torch.Tensor, positions: torch.Tensor, forward_batch) -> torch.Tensor:
+        """The layer's token mixer on its normed input: attention here."""
+        return layer.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch)
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None):
+        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # (n_tokens, hidden)
+        for layer in self.layers:
+            x = x + self.mix_tokens(layer, layer.input_layernorm(x), positions, forward_batch)
+            x = x + layer.mlp(layer.post_attention_layernorm(x), forward_batch=forward_batch)
+        return self.norm(x)
+
+
+class TurboLlamaForCausalLM(LlamaForCausalLM):
+    """Served like ``LlamaForCausalLM``; only the residual stream is written differently."""
+
+    def _init_model(self, config, quant_config=None, prefix: str = ""):
+        return TurboLlamaModel(config, quant_config=quant_config, prefix=prefix)
+
+    def forward_split_prefill(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} has no split prefill")
+
+    def set_eagle3_layers_to_capture(self, layer_ids=None):
+        raise NotImplementedError(f"{type(self).__name__} does not capture hidden states (EAGLE3 target)")
+
+
+EntryClass = TurboLlamaForCausalLM

@@ -1,0 +1,127 @@
+"""``--enable-torch-compile`` on the portable platform: compiled decode, same greedy tokens as transformers.
+
+The server compiles turbo-tiny's decode forward at start-up (sglang_turbo/graph_runner.py), serving it
+with models/turbo_llama.py's class; attention stays the eager ``turbo::paged_attention`` op. Batches up
+to ``--torch-compile-max-bs`` run compiled (1 to 4 requests on one thread, more on two: separate
+graphs), bigger ones eagerly; the tokens must be the same either way.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+from greedy import GREEDY, PROMPTS, first_difference, server_greedy
+
+from sglang_turbo.graph_runner import ONE_THREAD_MAX_BS, check_cpu_graph_args, route_to_compiled_model
+from turbo.zoo.presets import zoo_path
+
+MAX_BS = 8
+
+
+@pytest.fixture(scope="module")
+def compiled_server(turbo_server_factory):
+    with turbo_server_factory(["--enable-torch-compile", "--torch-compile-max-bs", str(MAX_BS)]) as handle:
+        yield handle
+
+
+def _log(handle) -> str:
+    with open(handle.log_path, errors="replace") as f:
+        return f.read()
+
+
+def test_server_compiles_decode_at_start_up(compiled_server):
+    log = _log(compiled_server)
+    assert f"CPU graph: decode forward compiled for batch sizes 1..{MAX_BS}" in log, log[-3000:]
+    assert "TurboLlamaForCausalLM" in log, "a LlamaForCausalLM checkpoint is served by the traceable class"
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_compiled_greedy_output_equals_transformers(compiled_server, post_generate, prompt_ids, hf_greedy, name):
+    got = server_greedy(post_generate, compiled_server.base_url, prompt_ids[name])
+    want = hf_greedy[name]
+    assert got == want, f"{name}: first difference at {first_difference(got, want)}\n{got=}\n{want=}"
+
+
+def test_decode_steps_take_the_compiled_path(compiled_server, post_generate):
+    # SGLang logs a decode batch every 40 steps, saying whether it ran as a graph.
+    post_generate(compiled_server.base_url, {"input_ids": [5, 6, 7], "sampling_params": {
+        "max_new_tokens": 100, "temperature": 0, "ignore_eos": True}})
+    assert "cpu graph: True" in _log(compiled_server), _log(compiled_server)[-3000:]
+
+
+def test_concurrent_requests_on_the_two_thread_graph_equal_transformers(compiled_server, post_generate, prompt_ids,
+                                                                        hf_greedy):
+    names = list(PROMPTS)
+    assert len(names) > ONE_THREAD_MAX_BS, "the batch must be big enough for the two-thread graph"
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        got = dict(zip(names, pool.map(
+            lambda n: server_greedy(post_generate, compiled_server.base_url, prompt_ids[n]), names)))
+    bad = {n: first_difference(got[n], hf_greedy[n]) for n in names if got[n] != hf_greedy[n]}
+    assert not bad, f"name: first difference: {bad}"
+
+
+def test_batch_beyond_the_compiled_sizes_runs_eagerly_with_the_same_tokens(compiled_server, post_generate,
+                                                                         prompt_ids, hf_greedy):
+    names = list(PROMPTS) * 2
+    assert len(names) > MAX_BS
+    payload = {"input_ids": [prompt_ids[n] for n in names], "sampling_params": GREEDY}
+    outs = post_generate(compiled_server.base_url, payload)
+    bad = [n for n, o in zip(names, outs) if o["output_ids"] != hf_greedy[n]]
+    assert not bad, f"differ from transformers: {bad}"
+    assert "compiling for an unforeseen decode batch" not in _log(compiled_server), "warm-up missed a graph"
+
+
+# ----------------------------------------------------------------------------- launch-time routing and refusals
+
+
+def _args(**overrides):
+    args = dict(enable_torch_compile=True, model_path=str(zoo_path("turbo-tiny")), json_model_override_args="{}",
+                speculative_algorithm=None, tp_size=1, pp_size=1)
+    return SimpleNamespace(**{**args, **overrides})
+
+
+def test_a_llama_checkpoint_is_routed_to_the_traceable_class():
+    args = _args()
+    route_to_compiled_model(args)
+    assert json.loads(args.json_model_override_args) == {"architectures": ["TurboLlamaForCausalLM"]}
+    check_cpu_graph_args(args)
+
+
+def test_routing_keeps_the_users_overrides_and_needs_the_flag():
+    args = _args(json_model_override_args='{"rope_theta": 5.0}')
+    route_to_compiled_model(args)
+    assert json.loads(args.json_model_override_args) == {"rope_theta": 5.0, "architectures": ["TurboLlamaForCausalLM"]}
+    mine = _args(json_model_override_args='{"architectures": ["LlamaForCausalLM"]}')
+    route_to_compiled_model(mine)
+    assert json.loads(mine.json_model_override_args) == {"architectures": ["LlamaForCausalLM"]}
+    eager = _args(enable_torch_compile=False)
+    route_to_compiled_model(eager)
+    assert eager.json_model_override_args == "{}"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(model_path=str(zoo_path("turbo-tiny-hybrid"))), "is LlamaMamba2ForCausalLM, which is served eagerly"),
+    (dict(json_model_override_args='{"architectures": ["LlamaForCausalLM"]}'), "needs TurboLlamaForCausalLM"),
+    (dict(speculative_algorithm="NGRAM"), "compiles plain decode only"),
+    (dict(tp_size=2), "runs one rank"),
+])
+def test_combinations_it_cannot_compile_are_refused(overrides, message):
+    args = _args(**overrides)
+    route_to_compiled_model(args)
+    with pytest.raises(ValueError, match=message):
+        check_cpu_graph_args(args)
+
+
+def test_launcher_exits_2_for_a_model_it_cannot_compile():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sglang_turbo.launch_server", "--model-path", "turbo-tiny-hybrid",
+         "--enable-torch-compile"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, f"{proc.returncode=} {proc.stderr[-2000:]}"
+    assert "--enable-torch-compile" in proc.stderr and "served eagerly" in proc.stderr, proc.stderr[-2000:]
