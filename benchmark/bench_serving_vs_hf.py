@@ -2,6 +2,11 @@
 
     python benchmark/bench_serving_vs_hf.py                # turbo-tiny, 32 requests, concurrency 1 and 16
     python benchmark/bench_serving_vs_hf.py --num-prompts 64 --concurrency 1,4,16
+    python benchmark/bench_serving_vs_hf.py --systems compiled   # only the --enable-torch-compile server
+
+Systems: ``eager`` (sglang-turbo with its CPU defaults), ``compiled`` (the same plus
+``--enable-torch-compile``: CPU graphs, see docs/serving.md) and ``transformers``; the
+servers run one after the other, each against the same transformers figures.
 
 Workload (seeded): prompt lengths uniform in [32, 512] tokens, output lengths
 uniform in [16, 256] tokens, EOS ignored, greedy. For each concurrency C:
@@ -122,6 +127,9 @@ def _summarise(samples: list[tuple[float, int]], wall_s: float) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
+SERVER_SYSTEMS = {"eager": [], "compiled": ["--enable-torch-compile"]}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -129,11 +137,12 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     concs = [str(c) for c in result["concurrency"]]
+    systems = list(result["runs"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.38
-    for i, system in enumerate(("sglang-turbo", "transformers")):
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
         vals = [result["runs"][system][c]["output_tok_s"] for c in concs]
-        ax.bar([j + (i - 0.5) * width for j in range(len(concs))], vals, width, label=system)
+        ax.bar([j + (i - (len(systems) - 1) / 2) * width for j in range(len(concs))], vals, width, label=system)
     ax.set_xticks(range(len(concs)), [f"concurrency {c}" for c in concs])
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"{result['model_name']}: serving vs transformers generate")
@@ -149,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--concurrency", default="1,16", help="comma-separated concurrency levels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--server-args", default="", help="extra launch_server flags, one string")
+    parser.add_argument("--systems", default="eager,compiled", help=f"sglang-turbo servers, of {list(SERVER_SYSTEMS)}")
+    parser.add_argument("--server-args", default="", help="extra launch_server flags for every server, one string")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_serving_vs_hf.json")
     args = parser.parse_args(argv)
 
@@ -164,18 +174,26 @@ def main(argv: list[str] | None = None) -> dict:
     workload = make_workload(args.num_prompts, config.vocab_size, args.seed)
     warmup = make_workload(2, config.vocab_size, args.seed + 1)
 
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in SERVER_SYSTEMS]
+    if unknown:
+        parser.error(f"--systems: unknown {unknown}; choose from {list(SERVER_SYSTEMS)}")
+
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    proc, url = launch_turbo_server(model_path, args.server_args.split())
-    runs: dict[str, dict] = {"sglang-turbo": {}, "transformers": {}}
-    try:
-        run_server(url, warmup, 2)
-        run_hf(hf, warmup, 2, pad_id)
-        for c in concurrency:
-            runs["sglang-turbo"][str(c)] = run_server(url, workload, c)
-            runs["transformers"][str(c)] = run_hf(hf, workload, c, pad_id)
-    finally:
-        kill_server(proc)
+    runs: dict[str, dict] = {f"sglang-turbo {s}": {} for s in systems}
+    runs["transformers"] = {}
+    run_hf(hf, warmup, 2, pad_id)
+    for c in concurrency:
+        runs["transformers"][str(c)] = run_hf(hf, workload, c, pad_id)
+    for system in systems:
+        proc, url = launch_turbo_server(model_path, SERVER_SYSTEMS[system] + args.server_args.split())
+        try:
+            run_server(url, warmup, 2)
+            for c in concurrency:
+                runs[f"sglang-turbo {system}"][str(c)] = run_server(url, workload, c)
+        finally:
+            kill_server(proc)
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     result = {
@@ -194,13 +212,15 @@ def main(argv: list[str] | None = None) -> dict:
     plot(result, args.out.with_suffix(".png"))
 
     for c in concurrency:
-        t, h = runs["sglang-turbo"][str(c)], runs["transformers"][str(c)]
-        print(f"concurrency {c:>3}  sglang-turbo  tok/s {t['output_tok_s']:8.1f}  tpot_ms {t['mean_tpot_ms']:7.2f}")
-        print(f"concurrency {c:>3}  transformers  tok/s {h['output_tok_s']:8.1f}  tpot_ms {h['mean_tpot_ms']:7.2f}")
+        for name, run in runs.items():
+            r = run[str(c)]
+            print(f"concurrency {c:>3}  {name:<22} tok/s {r['output_tok_s']:8.1f}  tpot_ms {r['mean_tpot_ms']:7.2f}")
     for c in concurrency:
-        t, h = runs["sglang-turbo"][str(c)], runs["transformers"][str(c)]
-        print(f"concurrency {c:>3}  sglang-turbo/transformers: tok/s {t['output_tok_s'] / h['output_tok_s']:.2f}x"
-              f"  tpot_ms {t['mean_tpot_ms'] / h['mean_tpot_ms']:.2f}x")
+        h = runs["transformers"][str(c)]
+        for system in systems:
+            t = runs[f"sglang-turbo {system}"][str(c)]
+            print(f"concurrency {c:>3}  sglang-turbo {system:<8} / transformers: tok/s "
+                  f"{t['output_tok_s'] / h['output_tok_s']:.2f}x  tpot_ms {t['mean_tpot_ms'] / h['mean_tpot_ms']:.2f}x")
     return result
 
 

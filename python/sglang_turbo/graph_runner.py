@@ -62,12 +62,10 @@ def route_to_compiled_model(args) -> None:
         args.json_model_override_args = json.dumps(overrides)
 
 
-def check_cpu_graph_args(cfg) -> None:
+def check_cpu_graph_args(cfg, portable: bool) -> None:
     """Launch-time refusals (``cfg``: resolved server args), so a bad combination is a usage error
-    rather than a scheduler that dies while compiling."""
-    from .plugin import portable_platform_active
-
-    if not cfg.enable_torch_compile or not portable_platform_active():
+    rather than a scheduler that dies while compiling. ``portable``: serving on TurboCpuPlatform."""
+    if not cfg.enable_torch_compile or not portable:
         return  # on CUDA, upstream's graphs and compile path
     arch = _architecture(str(cfg.model_path))
     overridden = json.loads(cfg.json_model_override_args or "{}").get("architectures", [arch])[0]

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sglang_turbo.laun
     from sglang.srt.arg_groups.overrides import resolving_view
 
     from .graph_runner import check_cpu_graph_args
+    from .plugin import portable_platform_active
     from .speculative.checks import check_draft_model_args, check_speculative_args
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sglang_turbo.laun
         check_draft_model_args(server_args)
         server_args.resolve_once()
         check_speculative_args(resolving_view(server_args))
-        check_cpu_graph_args(resolving_view(server_args))
+        check_cpu_graph_args(resolving_view(server_args), portable=portable_platform_active())
     except ValueError as e:
         parser.error(str(e))
     model = str(server_args.model_path)

@@ -89,7 +89,7 @@ def test_a_llama_checkpoint_is_routed_to_the_traceable_class():
     args = _args()
     route_to_compiled_model(args)
     assert json.loads(args.json_model_override_args) == {"architectures": ["TurboLlamaForCausalLM"]}
-    check_cpu_graph_args(args)
+    check_cpu_graph_args(args, portable=True)
 
 
 def test_routing_keeps_the_users_overrides_and_needs_the_flag():
@@ -114,7 +114,7 @@ def test_combinations_it_cannot_compile_are_refused(overrides, message):
     args = _args(**overrides)
     route_to_compiled_model(args)
     with pytest.raises(ValueError, match=message):
-        check_cpu_graph_args(args)
+        check_cpu_graph_args(args, portable=True)
 
 
 def test_launcher_exits_2_for_a_model_it_cannot_compile():

@@ -107,6 +107,11 @@ class PagedBatch:
         device = kv_slots.device
         bsz, max_q, max_kv = len(q_lens), max(q_lens), max(kv_lens)
         kv_slots = kv_slots[:, :max_kv]
+        if bsz == 1 and max_q == 1 and block_mask is None and _consecutive(kv_slots[0]):
+            # Every key is visible to the one query: no mask to build (the per-step cost at batch 1).
+            every_key = torch.ones(1, 1, group, max_kv, dtype=torch.bool, device=device)
+            return cls(kv_slots=kv_slots, mask=every_key, q_dest=None, bsz=1, max_q=1, group=group,
+                       kv_start=int(kv_slots[0, 0]))
         q_len_t = torch.tensor(q_lens, device=device)
         kv_len_t = torch.tensor(kv_lens, device=device)
         kv_pos = torch.arange(max_kv, device=device)  # (max_kv,)
@@ -132,10 +137,7 @@ class PagedBatch:
         q_dest = None
         if max_q > 1 or min(q_lens) != 1:
             q_dest = torch.cat([torch.arange(n, device=device) + i * max_q for i, n in enumerate(q_lens)])
-        kv_start = None
-        if bsz == 1 and max_q == 1 and _consecutive(kv_slots[0]):
-            kv_start = int(kv_slots[0, 0])
-        return cls(kv_slots=kv_slots, mask=mask, q_dest=q_dest, bsz=bsz, max_q=max_q, group=group, kv_start=kv_start)
+        return cls(kv_slots=kv_slots, mask=mask, q_dest=q_dest, bsz=bsz, max_q=max_q, group=group)
 
 
 def _consecutive(slots: torch.Tensor) -> bool:
