@@ -12,11 +12,12 @@ static graph per batch size. This runner is the portable form:
 * attention is ``turbo::paged_attention`` (``attention/backend.py``), opaque to the
   compiler, so the per-step layout (request lengths, slots) is read at call time
   and no live batch needs padding to a captured size;
-* inductor fuses what is left: projections, rotary, norms, the MLP, the logits.
+* inductor fuses what is left of the layers: projections, rotary, norms, the MLP;
+  the logits processor and sampling stay eager.
 
 Why it pays on CPU: a tiny model's decode step is dominated by Python in SGLang's
 layer code, not by arithmetic (docs/benchmarks.md); a compiled graph runs as
-generated C++ with one guard check per step.
+generated C++ behind one short guard check per step.
 """
 
 from __future__ import annotations
@@ -113,9 +114,10 @@ class TurboCpuGraphRunner:
                 "--enable-torch-compile on the portable CPU platform compiles plain decode only; "
                 "drop it or drop --speculative-algorithm"
             )
-        backend = model_runner.attn_backend
-        if not hasattr(backend, "init_forward_metadata_capture_cpu_graph"):
-            raise ValueError(f"--enable-torch-compile on CPU needs --attention-backend turbo_native, not {backend!r}")
+        from .attention.backend import TurboNativeAttnBackend
+
+        if not isinstance(model_runner.attn_backend, TurboNativeAttnBackend):
+            raise ValueError("--enable-torch-compile on the portable CPU platform needs --attention-backend turbo_native")
         self.capture_bs = sorted(set(get_exec().graph.cuda_graph_config.decode.bs))
         self.max_bs = max(self.capture_bs)
         self.bs = None  # read by SGLang's logging: this runner never pads a batch

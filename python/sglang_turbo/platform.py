@@ -95,7 +95,14 @@ class TurboCpuPlatform(CpuDeviceMixin, SRTPlatform):
         return algorithm.upper() in SUPPORTED_ALGORITHMS
 
     def get_graph_runner_cls(self):
-        """Decode through torch.compile (``--enable-torch-compile``); see graph_runner.py."""
+        """Decode through torch.compile under ``--enable-torch-compile`` (graph_runner.py), else None.
+
+        None matters: SGLang also asks here outside plain decode (the adaptive EAGLE runtime builds
+        a target-verify runner whenever ``graph_capture`` is set), and None runs those eagerly."""
+        from sglang.srt.runtime_context import get_flags
+
+        if not get_flags().capture.enable_torch_compile:
+            return None
         from .graph_runner import TurboCpuGraphRunner
 
         return TurboCpuGraphRunner

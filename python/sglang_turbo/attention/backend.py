@@ -5,8 +5,8 @@ and the portable CPU platform's default. Only wiring lives here: it turns a
 ``ForwardBatch`` into a :class:`turbo.attention.paged.PagedBatch` once per
 forward and calls :func:`turbo.attention.paged.paged_attention` per layer.
 
-Under ``--enable-torch-compile`` (SGLang's CPU graphs: the decode forward compiled
-once per batch size, see docs/serving.md) a layer's attention is the opaque op
+Under ``--enable-torch-compile`` (CPU graphs: the decode forward compiled at start-up,
+sglang_turbo/graph_runner.py) a layer's attention is the opaque op
 ``turbo::paged_attention``: its layout changes every step (request lengths, slots),
 so it must run eagerly, read at call time, while everything around it (projections,
 rotary, norms, MLP) is fused by inductor.
@@ -95,22 +95,6 @@ class TurboNativeAttnBackend(AttentionBackend):
             raise NotImplementedError(f"{BACKEND_NAME} does not serve forward mode {mode.name}")
         kv_slots = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, : max(kv_lens)]
         self.set_layout(BatchLayout(q_lens, kv_lens, kv_slots.to(torch.long), block_mask, forward_batch.out_cache_loc))
-
-    # ------------------------------------------------------------------ CPU graphs (--enable-torch-compile)
-    def init_cpu_graph_state(self, max_bs: int, max_num_tokens: int):
-        pass  # nothing static: the op reads each step's layout eagerly
-
-    def get_cpu_graph_seq_len_fill_value(self):
-        return 1  # padded rows of a captured batch attend to one key (slot 0), so their softmax is finite
-
-    def init_forward_metadata_capture_cpu_graph(
-        self, bs, num_tokens, req_pool_indices, seq_lens, out_cache_loc, encoder_lens, forward_mode, spec_info
-    ):
-        if not forward_mode.is_decode() or spec_info is not None:
-            raise NotImplementedError(f"{BACKEND_NAME} CPU graphs are plain decode only, not {forward_mode.name}")
-        kv_lens = seq_lens.tolist()
-        kv_slots = self.req_to_token_pool.req_to_token[req_pool_indices, : max(kv_lens)].to(torch.long)
-        self.set_layout(BatchLayout([1] * bs, kv_lens, kv_slots, None, out_cache_loc))
 
     def set_layout(self, layout: BatchLayout | None) -> None:
         self._layout = layout
