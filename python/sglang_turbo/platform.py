@@ -63,8 +63,8 @@ class TurboCpuPlatform(CpuDeviceMixin, SRTPlatform):
     device_name = "cpu"
     device_type = "cpu"
     # No Triton: every kernel path SGLang picks is torch-native. graph_capture lets
-    # --enable-torch-compile reach upstream's CPUGraphRunner (torch.compile of decode per
-    # batch size); without that flag SGLang captures nothing on CPU.
+    # --enable-torch-compile reach get_graph_runner_cls (our compiled decode, graph_runner.py);
+    # without that flag SGLang captures nothing on CPU.
     capabilities = PlatformCapabilities(graph_capture=True)
 
     def is_pin_memory_available(self, device=None) -> bool:

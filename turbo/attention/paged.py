@@ -24,8 +24,7 @@ one request's tokens out from the head of its free list) needs neither the gathe
 nor the mask: K/V are a view of the pool, and every key is visible
 (``PagedBatch.kv_start``; 1,500 slots: 24 us gather + mask vs a 2 us view).
 
- Speculative
-decoding adds two shapes: verifying a draft *tree* (``block_mask``: each new
+Speculative decoding adds two shapes: verifying a draft *tree* (``block_mask``: each new
 token sees the cached prefix and only its own ancestors among the new tokens)
 and draft steps whose rows read slots that are not one ``req_to_token`` row
 (``PagedBatch.from_slots``).

@@ -1,7 +1,8 @@
 """``LlamaMamba2ForCausalLM``: the Llama-Mamba2 hybrid of turbo/hybrid/model.py, served by SGLang.
 
 Layers in ``attention_layers`` are upstream's ``LlamaDecoderLayer`` (``RadixAttention``, rotary, KV in the
-token pool, built by turbo_llama.py's plain-residual model); the others are a Llama layer whose token mixer is upstream's ``MambaMixer2``, run through
+token pool, built by turbo_llama.py's plain-residual model); the others are a Llama layer whose token
+mixer is upstream's ``MambaMixer2``, run through
 the ``Mamba2AttnBackend`` that SGLang wraps next to the attention backend for a registered hybrid (see
 llama_mamba2_config.py). Each request's conv window and scan state live in SGLang's Mamba state pool, and
 the Mamba radix cache saves them with a cached prefix. The residual stream is written out in
