@@ -23,6 +23,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from turbo import kernels
 from turbo.attention.paged import GatherWorkspace, PagedBatch, block_mask_from_full_layout, paged_attention
 
 from . import BACKEND_NAME
@@ -69,6 +70,8 @@ class TurboNativeAttnBackend(AttentionBackend):
         self._workspace = GatherWorkspace()  # this runner's gathered K/V, reused by every layer
         self._layers: dict[int, RadixAttention] = {}  # by layer id, for the compiled op
         _LIVE_BACKENDS[id(self)] = self
+        if str(self.device) == "cpu":
+            kernels.cpu_kernels_available()  # build the decode kernel at start-up, not in the first request
 
     # ------------------------------------------------------------------ per forward
     def init_forward_metadata(self, forward_batch: ForwardBatch):
