@@ -5,8 +5,12 @@
     python benchmark/bench_serving_vs_hf.py --systems compiled   # only the --enable-torch-compile server
 
 Systems: ``eager`` (sglang-turbo with its CPU defaults), ``compiled`` (the same plus
-``--enable-torch-compile``: CPU graphs, see docs/serving.md) and ``transformers``; the
-servers run one after the other, each against the same transformers figures.
+``--enable-torch-compile``: CPU graphs, see docs/serving.md) and ``transformers``.
+Every server starts first and idles (it sleeps, see docs/serving.md) while another
+system runs; then, for each of ``--rounds`` rounds and each concurrency, every
+system runs the workload in turn. Interleaving matters on a shared 2-core machine,
+whose speed drifts by 20% over minutes: systems measured minutes apart would
+compare the machine, not the systems. Figures sum each system's rounds.
 
 Workload (seeded): prompt lengths uniform in [32, 512] tokens, output lengths
 uniform in [16, 256] tokens, EOS ignored, greedy. For each concurrency C:
@@ -16,7 +20,8 @@ uniform in [16, 256] tokens, EOS ignored, greedy. For each concurrency C:
   batches of C (left-padded, as a ``generate`` user would), each batch running to its
   longest output; only the tokens each request asked for are counted.
 Figures: output tokens/s (requested output tokens / wall time) and mean time per
-output token (mean over requests of latency / output tokens). Ratios last.
+output token (mean over requests of latency / output tokens). Ratios last, with
+each round's ratio beside the pooled one so the spread is visible.
 Writes benchmark/results/serving/bench_serving_vs_hf.json and .png.
 """
 
@@ -113,6 +118,14 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def _pool(rounds: list[dict]) -> dict:
+    """One system's rounds at one concurrency, as one run: summed tokens and wall time, all samples."""
+    samples = [(x["latency_s"], x["output_tokens"]) for r in rounds for x in r["samples"]]
+    pooled = _summarise(samples, sum(r["wall_s"] for r in rounds))
+    pooled["rounds_output_tok_s"] = [r["output_tok_s"] for r in rounds]
+    return pooled
+
+
 def _summarise(samples: list[tuple[float, int]], wall_s: float) -> dict:
     out_tokens = sum(n for _, n in samples)
     return {
@@ -158,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--concurrency", default="1,16", help="comma-separated concurrency levels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every system (see above)")
     parser.add_argument("--systems", default="eager,compiled", help=f"sglang-turbo servers, of {list(SERVER_SYSTEMS)}")
     parser.add_argument("--server-args", default="", help="extra launch_server flags for every server, one string")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_serving_vs_hf.json")
@@ -181,19 +195,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    runs: dict[str, dict] = {f"sglang-turbo {s}": {} for s in systems}
-    runs["transformers"] = {}
-    run_hf(hf, warmup, 2, pad_id)
-    for c in concurrency:
-        runs["transformers"][str(c)] = run_hf(hf, workload, c, pad_id)
-    for system in systems:
-        proc, url = launch_turbo_server(model_path, SERVER_SYSTEMS[system] + args.server_args.split())
-        try:
+    names = [f"sglang-turbo {s}" for s in systems] + ["transformers"]
+    rounds: dict[str, dict[str, list[dict]]] = {name: {str(c): [] for c in concurrency} for name in names}
+    servers: dict[str, tuple] = {}
+    try:
+        for system in systems:
+            servers[f"sglang-turbo {system}"] = launch_turbo_server(
+                model_path, SERVER_SYSTEMS[system] + args.server_args.split()
+            )
+        run_hf(hf, warmup, 2, pad_id)
+        for _, url in servers.values():
             run_server(url, warmup, 2)
+        for _ in range(args.rounds):
             for c in concurrency:
-                runs[f"sglang-turbo {system}"][str(c)] = run_server(url, workload, c)
-        finally:
+                rounds["transformers"][str(c)].append(run_hf(hf, workload, c, pad_id))
+                for name, (_, url) in servers.items():
+                    rounds[name][str(c)].append(run_server(url, workload, c))
+    finally:
+        for proc, _ in servers.values():
             kill_server(proc)
+    runs = {name: {c: _pool(r) for c, r in by_c.items()} for name, by_c in rounds.items()}
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     result = {
@@ -202,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hardware": {"machine": platform.machine(), "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0))},
         "model_name": args.model,
         "seed": args.seed,
+        "rounds": args.rounds,
         "num_prompts": args.num_prompts,
         "concurrency": concurrency,
         "server_args": args.server_args,
@@ -219,8 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
         h = runs["transformers"][str(c)]
         for system in systems:
             t = runs[f"sglang-turbo {system}"][str(c)]
+            per_round = " ".join(
+                f"{a / b:.2f}x" for a, b in zip(t["rounds_output_tok_s"], h["rounds_output_tok_s"])
+            )
             print(f"concurrency {c:>3}  sglang-turbo {system:<8} / transformers: tok/s "
-                  f"{t['output_tok_s'] / h['output_tok_s']:.2f}x  tpot_ms {t['mean_tpot_ms'] / h['mean_tpot_ms']:.2f}x")
+                  f"{t['output_tok_s'] / h['output_tok_s']:.2f}x (rounds: {per_round})  "
+                  f"tpot_ms {t['mean_tpot_ms'] / h['mean_tpot_ms']:.2f}x")
     return result
 
 

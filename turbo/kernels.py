@@ -107,6 +107,8 @@ def _put_ninja_on_path() -> None:
 
 def cpu_kernels_available() -> bool:
     """True when the CPU kernels are loaded (building them on the first call); logs why not, once."""
+    if _state.get("loaded"):
+        return True  # the per-layer fast path: no lock, no environment lookup
     if os.environ.get(DISABLE_ENV) == "1":
         return False
     try:
