@@ -4,8 +4,9 @@
     python benchmark/bench_serving_vs_hf.py --num-prompts 64 --concurrency 1,4,16
     python benchmark/bench_serving_vs_hf.py --systems compiled   # only the --enable-torch-compile server
 
-Systems: ``eager`` (sglang-turbo with its CPU defaults), ``compiled`` (the same plus
-``--enable-torch-compile``: CPU graphs, see docs/serving.md) and ``transformers``.
+Systems: ``compiled`` (sglang-turbo's CPU default for a Llama checkpoint: CPU graphs,
+``--enable-torch-compile``, see docs/serving.md), ``eager`` (the same with
+``--disable-cuda-graph``: decode runs layer by layer in Python) and ``transformers``.
 Every server starts first and idles (it sleeps, see docs/serving.md) while another
 system runs; then, for each of ``--rounds`` rounds and each concurrency, every
 system runs the workload in turn. Interleaving matters on a shared 2-core machine,
@@ -140,7 +141,7 @@ def _summarise(samples: list[tuple[float, int]], wall_s: float) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-SERVER_SYSTEMS = {"eager": [], "compiled": ["--enable-torch-compile"]}
+SERVER_SYSTEMS = {"eager": ["--disable-cuda-graph"], "compiled": ["--enable-torch-compile"]}
 
 
 def plot(result: dict, path: Path) -> None:

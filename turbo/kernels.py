@@ -71,7 +71,15 @@ def load_cpu_kernels() -> None:
 
 
 def _load_cpu_kernels() -> None:
-    from torch.utils import cpp_extension
+    # Importing torch's builder on a machine without CUDA logs a warning about CUDA_HOME, meaningless
+    # for a CPU-only build: silence that one import.
+    builder_log = logging.getLogger("torch.utils.cpp_extension")
+    level = builder_log.level
+    builder_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        builder_log.setLevel(level)
 
     _put_ninja_on_path()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import env
 from .distributed import apply_cpu_tp_defaults
-from .graph_runner import route_to_compiled_model
+from .graph_runner import cpu_graphs_by_default, route_to_compiled_model
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +117,17 @@ def apply_cpu_defaults(args) -> None:
     apply_cpu_tp_defaults(args)  # several ranks on this node: each gets its share of the cores
     if not _user_set(args, "max_total_tokens") and args.model_path:
         args.max_total_tokens = default_pool_tokens(str(args.model_path), args.dtype)
+    if not _user_set(args, "enable_torch_compile") and args.model_path:
+        why_not = cpu_graphs_by_default(args)
+        args.enable_torch_compile = why_not is None
+        if why_not:
+            logger.info("sglang-turbo CPU graphs off (decode runs eagerly): %s", why_not)
     route_to_compiled_model(args)  # --enable-torch-compile: the Llama class dynamo can trace
     if not _user_set(args, "max_mamba_cache_size") and args.model_path:
         slots = default_mamba_cache_size(str(args.model_path))
         if slots is not None:
             args.max_mamba_cache_size = slots
     logger.info(
-        "sglang-turbo CPU defaults: dtype=%s attention=%s max_total_tokens=%s sleep_on_idle=%s",
-        args.dtype, args.attention_backend, args.max_total_tokens, args.sleep_on_idle,
+        "sglang-turbo CPU defaults: dtype=%s attention=%s max_total_tokens=%s sleep_on_idle=%s cpu_graphs=%s",
+        args.dtype, args.attention_backend, args.max_total_tokens, args.sleep_on_idle, args.enable_torch_compile,
     )

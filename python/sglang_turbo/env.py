@@ -10,6 +10,7 @@
 | ``SGLANG_TURBO_UPDATE_INTERVAL`` | TURBO: new replay positions between published versions | 1024 |
 | ``SGLANG_TURBO_LEARNING`` | TURBO: ``off`` serves without training | on |
 | ``SGLANG_TURBO_CONTROLLER`` | TURBO: ``auto``, ``static`` or ``adaptive`` | auto |
+| ``SGLANG_TURBO_DISABLE_KERNELS`` | ``1`` runs the torch references instead of sgl-kernel's CPU kernels (read in ``turbo/kernels.py``) | 0 |
 | ``SGLANG_TURBO_ALLREDUCE_DELAY_US`` | simulated interconnect: every tensor-parallel all-reduce takes at least this long | 0 |
 | ``SGLANG_TURBO_LADDER_TRACE`` | tests: ladder models write one forward's compute/all-reduce event order to ``PATH.rankN.json`` | none |
 | ``SGLANG_TURBO_LEARNER_FAULT`` | tests only: ``crash@N`` / ``hang@N`` injects a learner fault at step N | none |

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .attention import BACKEND_NAME as ATTENTION_BACKEND
+
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
     from sglang.srt.model_executor.model_runner import ModelRunner
@@ -63,31 +65,58 @@ def route_to_compiled_model(args) -> None:
         args.json_model_override_args = json.dumps(overrides)
 
 
+def cpu_graph_obstacle(cfg) -> str | None:
+    """Why ``cfg`` (server args) cannot run CPU graphs on the portable platform, or None when it can."""
+    arch = _architecture(str(cfg.model_path)) if cfg.model_path else None
+    overrides = json.loads(cfg.json_model_override_args or "{}")
+    # The class that will serve it: the override's, else what route_to_compiled_model picks.
+    served = overrides["architectures"][0] if "architectures" in overrides else COMPILED_ARCHITECTURES.get(arch)
+    if served not in COMPILED_ARCHITECTURES.values():
+        if arch in COMPILED_ARCHITECTURES:  # a Llama checkpoint, steered elsewhere by the user's override
+            return (
+                f"--enable-torch-compile with --json-model-override-args architectures {served}: compiled "
+                "decode on the portable CPU platform needs TurboLlamaForCausalLM (upstream's Llama layers stop "
+                "torch.compile); drop the override"
+            )
+        return (
+            f"--enable-torch-compile: on the portable CPU platform sglang-turbo compiles Llama checkpoints "
+            f"(architecture LlamaForCausalLM); {cfg.model_path} is {arch}, which is served eagerly: drop the flag"
+        )
+    if cfg.speculative_algorithm:
+        return (
+            "--enable-torch-compile on the portable CPU platform compiles plain decode only; "
+            f"drop it or drop --speculative-algorithm {cfg.speculative_algorithm}"
+        )
+    if cfg.tp_size > 1 or cfg.pp_size > 1:
+        return "--enable-torch-compile on the portable CPU platform runs one rank; drop it or --tp-size/--pp-size"
+    backend = getattr(cfg, "attention_backend", None)
+    if backend is not None and backend != ATTENTION_BACKEND:
+        return (
+            f"--enable-torch-compile on the portable CPU platform needs --attention-backend {ATTENTION_BACKEND} "
+            f"(not {backend})"
+        )
+    return None
+
+
 def check_cpu_graph_args(cfg, portable: bool) -> None:
     """Launch-time refusals (``cfg``: resolved server args), so a bad combination is a usage error
     rather than a scheduler that dies while compiling. ``portable``: serving on TurboCpuPlatform."""
     if not cfg.enable_torch_compile or not portable:
         return  # on CUDA, upstream's graphs and compile path
-    arch = _architecture(str(cfg.model_path))
-    overridden = json.loads(cfg.json_model_override_args or "{}").get("architectures", [arch])[0]
-    if overridden not in COMPILED_ARCHITECTURES.values():
-        if arch in COMPILED_ARCHITECTURES:  # a Llama checkpoint, steered elsewhere by the user's override
-            raise ValueError(
-                f"--enable-torch-compile with --json-model-override-args architectures {overridden}: compiled "
-                "decode on the portable CPU platform needs TurboLlamaForCausalLM (upstream's Llama layers stop "
-                "torch.compile); drop the override"
-            )
-        raise ValueError(
-            f"--enable-torch-compile: on the portable CPU platform sglang-turbo compiles Llama checkpoints "
-            f"(architecture LlamaForCausalLM); {cfg.model_path} is {arch}, which is served eagerly: drop the flag"
-        )
-    if cfg.speculative_algorithm:
-        raise ValueError(
-            "--enable-torch-compile on the portable CPU platform compiles plain decode only; "
-            f"drop it or drop --speculative-algorithm {cfg.speculative_algorithm}"
-        )
-    if cfg.tp_size > 1 or cfg.pp_size > 1:
-        raise ValueError("--enable-torch-compile on the portable CPU platform runs one rank; drop it or --tp-size/--pp-size")
+    obstacle = cpu_graph_obstacle(cfg)
+    if obstacle:
+        raise ValueError(obstacle)
+
+
+def cpu_graphs_by_default(args) -> str | None:
+    """CPU graphs are the portable platform's default where they apply (``args``: the launch command's
+    arguments, after the other CPU defaults); returns why not, or None to turn them on.
+    ``--disable-cuda-graph`` (upstream's "no graphs") keeps decode eager."""
+    if getattr(args, "disable_cuda_graph", False):
+        return "--disable-cuda-graph"
+    if getattr(args, "enable_lora", False) or getattr(args, "lora_paths", None):
+        return "LoRA adapters are served eagerly"
+    return cpu_graph_obstacle(args)
 
 
 # Decode batches up to this size run on one thread. A batch-1 step is ~50 tiny kernels; on 2 cores
@@ -123,7 +152,9 @@ class TurboCpuGraphRunner:
         from .attention.backend import TurboNativeAttnBackend
 
         if not isinstance(model_runner.attn_backend, TurboNativeAttnBackend):
-            raise ValueError("--enable-torch-compile on the portable CPU platform needs --attention-backend turbo_native")
+            raise ValueError(
+                f"--enable-torch-compile on the portable CPU platform needs --attention-backend {ATTENTION_BACKEND}"
+            )
         self.capture_bs = sorted(set(get_exec().graph.cuda_graph_config.decode.bs))
         self.max_bs = max(self.capture_bs)
         self.bs = None  # read by SGLang's logging: this runner never pads a batch

@@ -103,6 +103,11 @@ def test_a_server_takes_under_a_quarter_of_a_24_gb_machine(server_handle):
     assert sum(pss.values()) < 6.0, f"server tree PSS {sum(pss.values()):.2f} GiB: {pss}"
 
 
+def test_cpu_graphs_are_on_by_default_for_a_llama_checkpoint(info):
+    """The default server compiles its decode forward (docs/serving.md, CPU graphs)."""
+    assert info["enable_torch_compile"] is True, f"{info['enable_torch_compile']=}"
+
+
 # --- explicit flags win ----------------------------------------------------------------------
 
 
@@ -116,6 +121,10 @@ def test_explicit_dtype_wins_over_the_default(explicit_info):
 
 def test_explicit_attention_backend_wins_over_the_default(explicit_info):
     assert explicit_info["attention_backend"] == "torch_native", f"{explicit_info['attention_backend']=}"
+
+
+def test_cpu_graphs_stay_off_with_an_attention_backend_they_cannot_compile(explicit_info):
+    assert explicit_info["enable_torch_compile"] is False, f"{explicit_info['enable_torch_compile']=}"
 
 
 def test_explicit_flags_leave_the_other_defaults_in_place(explicit_info):

@@ -1,4 +1,5 @@
-"""``--enable-torch-compile`` on the portable platform: compiled decode, same greedy tokens as transformers.
+"""CPU graphs (``--enable-torch-compile``, the portable platform's default for Llama checkpoints):
+compiled decode, same greedy tokens as transformers.
 
 The server compiles turbo-tiny's decode forward at start-up (sglang_turbo/graph_runner.py), serving it
 with models/turbo_llama.py's class; attention stays the eager ``turbo::paged_attention`` op. Batches up
@@ -17,7 +18,12 @@ from types import SimpleNamespace
 import pytest
 from greedy import GREEDY, PROMPTS, first_difference, server_greedy
 
-from sglang_turbo.graph_runner import ONE_THREAD_MAX_BS, check_cpu_graph_args, route_to_compiled_model
+from sglang_turbo.graph_runner import (
+    ONE_THREAD_MAX_BS,
+    check_cpu_graph_args,
+    cpu_graphs_by_default,
+    route_to_compiled_model,
+)
 from turbo.zoo.presets import zoo_path
 
 MAX_BS = 8
@@ -81,8 +87,27 @@ def test_batch_beyond_the_compiled_sizes_runs_eagerly_with_the_same_tokens(compi
 
 def _args(**overrides):
     args = dict(enable_torch_compile=True, model_path=str(zoo_path("turbo-tiny")), json_model_override_args="{}",
-                speculative_algorithm=None, tp_size=1, pp_size=1)
+                speculative_algorithm=None, tp_size=1, pp_size=1, attention_backend="turbo_native",
+                disable_cuda_graph=False, enable_lora=False, lora_paths=None)
     return SimpleNamespace(**{**args, **overrides})
+
+
+def test_cpu_graphs_are_the_default_for_a_plain_llama_server():
+    assert cpu_graphs_by_default(_args(enable_torch_compile=False)) is None
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (dict(disable_cuda_graph=True), "--disable-cuda-graph"),
+    (dict(model_path=str(zoo_path("turbo-tiny-hybrid"))), "served eagerly"),
+    (dict(speculative_algorithm="EAGLE3"), "plain decode only"),
+    (dict(tp_size=2), "one rank"),
+    (dict(attention_backend="torch_native"), "needs --attention-backend turbo_native"),
+    (dict(enable_lora=True), "LoRA"),
+    (dict(json_model_override_args='{"architectures": ["LlamaForCausalLM"]}'), "drop the override"),
+])
+def test_cpu_graphs_default_off_where_they_do_not_apply(overrides, reason):
+    why_not = cpu_graphs_by_default(_args(enable_torch_compile=False, **overrides))
+    assert why_not is not None and reason in why_not, why_not
 
 
 def test_a_llama_checkpoint_is_routed_to_the_traceable_class():
