@@ -139,7 +139,6 @@ def paged_decode_attention(
     kv_slots: torch.Tensor,
     kv_lens: torch.Tensor,
     scale: float,
-    store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decode attention read straight from the paged pool: the kernel when built, else the reference.
 
@@ -147,16 +146,11 @@ def paged_decode_attention(
     k_cache:  (n_slots, n_kv_heads, head_dim); v_cache: (n_slots, n_kv_heads, v_head_dim)
     kv_slots: (bsz, width) int64; request i's keys are at kv_slots[i, :kv_lens[i]]
     kv_lens:  (bsz,) int64, each in [1, width]
-    store:    optional (k_new, v_new, new_slots): this step's K/V, (bsz, n_kv_heads, head_dim / v_head_dim),
-              written into the caches at new_slots (bsz,) int64 before attending
     returns:  (bsz, n_heads, v_head_dim)
     """
     if q.device.type == "cpu" and cpu_kernels_available():
-        k_new, v_new, new_slots = store if store is not None else (None, None, None)
-        return torch.ops.turbo_kernels.paged_decode_attention(
-            q, k_cache, v_cache, kv_slots, kv_lens, scale, k_new, v_new, new_slots
-        )
-    return paged_decode_attention_ref(q, k_cache, v_cache, kv_slots, kv_lens, scale, store)
+        return torch.ops.turbo_kernels.paged_decode_attention(q, k_cache, v_cache, kv_slots, kv_lens, scale)
+    return paged_decode_attention_ref(q, k_cache, v_cache, kv_slots, kv_lens, scale)
 
 
 def paged_decode_attention_ref(
@@ -166,13 +160,8 @@ def paged_decode_attention_ref(
     kv_slots: torch.Tensor,
     kv_lens: torch.Tensor,
     scale: float,
-    store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Plain torch: store the new rows, gather each request's keys, mask the padding, softmax in float32."""
-    if store is not None:
-        k_new, v_new, new_slots = store
-        k_cache[new_slots] = k_new
-        v_cache[new_slots] = v_new
+    """Plain torch: gather each request's keys, mask the padding, softmax in float32."""
     bsz, n_heads, dim = q.shape
     n_kv_heads = k_cache.shape[1]
     group = n_heads // n_kv_heads

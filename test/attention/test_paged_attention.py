@@ -186,19 +186,3 @@ def test_full_layout_tree_mask_yields_each_requests_new_token_block():
     assert torch.equal(got, torch.stack(blocks))
     with pytest.raises(ValueError, match="cells"):
         block_mask_from_full_layout(flat[:-1], prefix_lens, n)
-
-
-@pytest.mark.parametrize("decode", [True, False], ids=["decode", "extend"])
-def test_store_writes_the_new_tokens_before_attending(decode):
-    """paged_attention(store=...) equals writing the rows into the pool first (the kernel fuses it for decode)."""
-    q_lens_fn = (lambda rng, n: 1) if decode else (lambda rng, n: rng.randint(1, n))
-    q, kc, vc, r2t, pool, q_lens, kv_lens = _case(7, 4, 2, 16, q_lens_fn)
-    new_slots = torch.cat([r2t[p, n - m : n].long() for p, m, n in zip(pool, q_lens, kv_lens)])
-    k_new, v_new = torch.randn(len(new_slots), 2, 16), torch.randn(len(new_slots), 2, 16)
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    kc_ref[new_slots], vc_ref[new_slots] = k_new, v_new
-    batch = PagedBatch.build(r2t, torch.tensor(pool), q_lens, kv_lens, 2)
-    out = paged_attention(q, kc, vc, batch, 0.25, store=(k_new, v_new, new_slots))
-    ref = paged_attention_ref(q, kc_ref, vc_ref, r2t, pool, q_lens, kv_lens, 0.25)
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
-    assert (out - ref).abs().max().item() < 1e-5

@@ -223,25 +223,18 @@ def paged_attention(
     batch: PagedBatch,
     scale: float,
     workspace: GatherWorkspace | None = None,
-    store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries against the paged cache.
 
     q:         (n_tokens, n_heads, head_dim), the batch's new tokens packed request after request
     k_cache:   (n_slots, n_kv_heads, head_dim); v_cache likewise with its own head_dim
     workspace: where the gathered K/V go; a throwaway one when None
-    store:     optional (k_new, v_new, slots): the new tokens' K/V, (n_tokens, n_kv_heads, head_dim /
-               v_head_dim), written into the caches at slots (n_tokens,) first (in the decode kernel's pass)
     returns:   (n_tokens, n_heads, v_head_dim)
     """
     n_tokens, n_heads, head_dim = q.shape
     n_kv_heads, v_dim = k_cache.shape[1], v_cache.shape[2]
     if batch.is_decode and q.device.type == "cpu" and k_cache.dtype == q.dtype and kernels.cpu_kernels_available():
-        return kernels.paged_decode_attention(q, k_cache, v_cache, batch.kv_slots, batch.kv_lens, scale, store)
-    if store is not None:
-        k_new, v_new, slots = store
-        k_cache[slots] = k_new
-        v_cache[slots] = v_new
+        return kernels.paged_decode_attention(q, k_cache, v_cache, batch.kv_slots, batch.kv_lens, scale)
     bsz, max_q, group = batch.bsz, batch.max_q, batch.group
     max_kv = batch.kv_slots.shape[1]
     if batch.q_dest is None:

@@ -72,7 +72,6 @@ class TurboNativeAttnBackend(AttentionBackend):
         _LIVE_BACKENDS[id(self)] = self
         if str(self.device) == "cpu":
             kernels.cpu_kernels_available()  # build the decode kernel at start-up, not in the first request
-        self._plain_kv_writes = _plain_kv_writes(self.token_to_kv_pool)
 
     # ------------------------------------------------------------------ per forward
     def init_forward_metadata(self, forward_batch: ForwardBatch):
@@ -127,14 +126,8 @@ class TurboNativeAttnBackend(AttentionBackend):
                 f"{BACKEND_NAME} serves full self-attention only (layer {layer.layer_id} is "
                 "cross- or sliding-window attention); use --attention-backend torch_native"
             )
-        store = None
         if save_kv_cache and k is not None and v is not None:
-            if self._plain_kv_writes and k.dtype == self.token_to_kv_pool.dtype:
-                # set_kv_buffer would store the rows as they are: do it inside the attention pass
-                store = (k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
-                         v.view(-1, layer.tp_v_head_num, layer.v_head_dim), out_cache_loc.to(torch.long))
-            else:
-                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(out_cache_loc, None), k, v)
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(out_cache_loc, None), k, v)
         causal = layer.attn_type != AttentionType.ENCODER_ONLY
         batch = self._paged_batch(layer.tp_q_head_num // layer.tp_k_head_num, causal)
         out = paged_attention(
@@ -144,7 +137,6 @@ class TurboNativeAttnBackend(AttentionBackend):
             batch,
             layer.scaling,
             self._workspace,
-            store,
         )
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -182,22 +174,6 @@ _LIBRARY.impl("paged_attention", _paged_attention_op, "CompositeExplicitAutograd
 @torch.library.register_fake("turbo::paged_attention")
 def _(q, k, v, backend_id, layer_id, out_width, save_kv_cache):
     return q.new_empty(q.shape[0], out_width)
-
-
-def _plain_kv_writes(pool) -> bool:
-    """True when the pool's ``set_kv_buffer`` is a plain row store ``k_buffer[layer][loc] = k`` (upstream's
-    MHA pool, token-major, unquantised, methods not overridden), which attention may then do itself."""
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-
-    cls = type(pool)
-    return (
-        isinstance(pool, MHATokenToKVPool)
-        and cls.set_kv_buffer is MHATokenToKVPool.set_kv_buffer
-        and cls._store_kv_layer is MHATokenToKVPool._store_kv_layer
-        and not pool.is_quantized_kv_cache
-        and pool.store_dtype == pool.dtype
-        and pool.kv_cache_layout == "nhd"
-    )
 
 
 def _cpu_list(cpu_values, values) -> list[int]:

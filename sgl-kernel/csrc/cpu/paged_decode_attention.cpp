@@ -13,11 +13,6 @@
 // Work item: one (request, KV head), so the `group` query heads that share a KV
 // head read each key and value row once. Scores are kept for the request's length
 // (two passes: scores, then softmax-weighted values); accumulation is in float.
-//
-// Optionally the step's new K/V rows are first written into the pool at `new_slots`
-// (SGLang's set_kv_buffer for the plain layout, fused): each work item writes its own
-// (request, head) row, which only that item reads, so the items stay independent
-// (a new token's slot is freshly allocated: no other request of the batch reads it).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,7 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
 #include <vector>
 
 namespace {
@@ -44,24 +38,17 @@ inline void axpy(float a, const T* x, float* y, int64_t dim) {
   for (int64_t i = 0; i < dim; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 
-struct NewKV {  // the step's K/V rows to store before attending; k == nullptr: nothing to store
-  const void* k = nullptr;
-  const void* v = nullptr;
-  const int64_t* slots = nullptr;
-  int64_t k_row_stride = 0, k_head_stride = 0, v_row_stride = 0, v_head_stride = 0;
-};
-
 template <typename T>
-void decode_attention(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& kv_slots,
-                      const at::Tensor& kv_lens, double scale, const NewKV& new_kv, at::Tensor& out) {
+void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& kv_slots, const at::Tensor& kv_lens, double scale, at::Tensor& out) {
   const int64_t bsz = q.size(0), n_heads = q.size(1), dim = q.size(2);
   const int64_t n_kv_heads = k_cache.size(1), v_dim = v_cache.size(2), n_slots = k_cache.size(0);
   const int64_t group = n_heads / n_kv_heads, width = kv_slots.size(1);
   const int64_t k_slot_stride = k_cache.stride(0), k_head_stride = k_cache.stride(1);
   const int64_t v_slot_stride = v_cache.stride(0), v_head_stride = v_cache.stride(1);
   const T* q_ptr = q.data_ptr<T>();
-  T* k_ptr = k_cache.data_ptr<T>();
-  T* v_ptr = v_cache.data_ptr<T>();
+  const T* k_ptr = k_cache.data_ptr<T>();
+  const T* v_ptr = v_cache.data_ptr<T>();
   const int64_t* slots_ptr = kv_slots.data_ptr<int64_t>();
   const int64_t* lens_ptr = kv_lens.data_ptr<int64_t>();
   T* out_ptr = out.data_ptr<T>();
@@ -73,15 +60,6 @@ void decode_attention(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_ca
       const int64_t req = item / n_kv_heads, kv_head = item % n_kv_heads;
       const int64_t n = lens_ptr[req];
       const int64_t* slots = slots_ptr + req * width;
-      if (new_kv.k != nullptr) {
-        const int64_t dst = new_kv.slots[req];
-        TORCH_CHECK(dst >= 0 && dst < n_slots, "paged_decode_attention: new slot ", dst, " of request ", req,
-                    " is outside the pool of ", n_slots);
-        const T* k_src = static_cast<const T*>(new_kv.k) + req * new_kv.k_row_stride + kv_head * new_kv.k_head_stride;
-        const T* v_src = static_cast<const T*>(new_kv.v) + req * new_kv.v_row_stride + kv_head * new_kv.v_head_stride;
-        std::copy(k_src, k_src + dim, k_ptr + dst * k_slot_stride + kv_head * k_head_stride);
-        std::copy(v_src, v_src + v_dim, v_ptr + dst * v_slot_stride + kv_head * v_head_stride);
-      }
       for (int64_t r = 0; r < group; ++r) {
         const T* src = q_ptr + (req * n_heads + kv_head * group + r) * dim;
         for (int64_t i = 0; i < dim; ++i) q_rows[r * dim + i] = static_cast<float>(src[i]) * scale_f;
@@ -119,12 +97,9 @@ void decode_attention(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_ca
 
 // q: (bsz, n_heads, dim); k_cache: (n_slots, n_kv_heads, dim); v_cache: (n_slots, n_kv_heads, v_dim);
 // kv_slots: (bsz, >= max len) int64, request i's keys at kv_slots[i, :kv_lens[i]]; kv_lens: (bsz,) int64, >= 1.
-// k_new / v_new: optional (bsz, n_kv_heads, dim / v_dim), stored at new_slots (bsz,) int64 first.
 // Returns (bsz, n_heads, v_dim) in q's dtype.
-at::Tensor paged_decode_attention(const at::Tensor& q, at::Tensor k_cache, at::Tensor v_cache,
-                                  const at::Tensor& kv_slots, const at::Tensor& kv_lens, double scale,
-                                  const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
-                                  const std::optional<at::Tensor>& new_slots) {
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& kv_slots, const at::Tensor& kv_lens, double scale) {
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "paged_decode_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
@@ -148,34 +123,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, at::Tensor k_cache, at::T
     TORCH_CHECK(lens[i] >= 1 && lens[i] <= kv_slots.size(1), "paged_decode_attention: request ", i, " has ",
                 lens[i], " keys; kv_slots holds 1 to ", kv_slots.size(1));
   }
-  NewKV new_kv;
-  at::Tensor new_slots_c;
-  TORCH_CHECK(k_new.has_value() == v_new.has_value() && k_new.has_value() == new_slots.has_value(),
-              "paged_decode_attention: give k_new, v_new and new_slots together, or none of them");
-  if (k_new.has_value()) {
-    const at::Tensor &kn = *k_new, &vn = *v_new;
-    TORCH_CHECK(kn.dim() == 3 && vn.dim() == 3 && kn.size(0) == q.size(0) && vn.size(0) == q.size(0) &&
-                    kn.size(1) == k_cache.size(1) && vn.size(1) == v_cache.size(1) && kn.size(2) == k_cache.size(2) &&
-                    vn.size(2) == v_cache.size(2),
-                "paged_decode_attention: k_new / v_new must be (bsz, n_kv_heads, head_dim / v_head_dim)");
-    TORCH_CHECK(kn.scalar_type() == q.scalar_type() && vn.scalar_type() == q.scalar_type(),
-                "paged_decode_attention: k_new and v_new must have q's dtype");
-    TORCH_CHECK(kn.stride(2) == 1 && vn.stride(2) == 1,
-                "paged_decode_attention: k_new / v_new's last dimension must be contiguous");
-    new_slots_c = new_slots->contiguous();
-    TORCH_CHECK(new_slots_c.dim() == 1 && new_slots_c.size(0) == q.size(0) && new_slots_c.scalar_type() == at::kLong,
-                "paged_decode_attention: new_slots must be (bsz,) int64");
-    new_kv.k = kn.data_ptr();
-    new_kv.v = vn.data_ptr();
-    new_kv.slots = new_slots_c.data_ptr<int64_t>();
-    new_kv.k_row_stride = kn.stride(0);
-    new_kv.k_head_stride = kn.stride(1);
-    new_kv.v_row_stride = vn.stride(0);
-    new_kv.v_head_stride = vn.stride(1);
-  }
   at::Tensor out = at::empty({q.size(0), q.size(1), v_cache.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_attention<scalar_t>(q_c, k_cache, v_cache, slots_c, lens_c, scale, new_kv, out);
+    decode_attention<scalar_t>(q_c, k_cache, v_cache, slots_c, lens_c, scale, out);
   });
   return out;
 }
@@ -183,8 +133,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, at::Tensor k_cache, at::T
 }  // namespace
 
 TORCH_LIBRARY(turbo_kernels, m) {
-  m.def("paged_decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor kv_slots, Tensor kv_lens, "
-        "float scale, Tensor? k_new=None, Tensor? v_new=None, Tensor? new_slots=None) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_slots, Tensor kv_lens, "
+        "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(turbo_kernels, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
