@@ -1,4 +1,5 @@
-"""CPU graphs: the decode forward through ``torch.compile``, behind ``--enable-torch-compile``.
+"""CPU graphs: the decode forward through ``torch.compile`` (``--enable-torch-compile``, which the
+portable platform turns on by default where it applies: ``cpu_graphs_by_default``).
 
 SGLang's decode-graph seam (``SRTPlatform.get_graph_runner_cls``) asks the platform
 for a runner with ``can_run_graph(forward_batch)`` and ``execute(forward_batch)``.
