@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,7 +119,15 @@ def cpu_graphs_by_default(args) -> str | None:
         return "--disable-cuda-graph"
     if getattr(args, "enable_lora", False) or getattr(args, "lora_paths", None):
         return "LoRA adapters are served eagerly"
+    if not cpp_compiler():
+        return "no C++ compiler (g++, or $CXX) for inductor's generated code"
     return cpu_graph_obstacle(args)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use ($CXX, else g++ / c++ on PATH), or None: a bare machine may
+    have none, and the default must then stay eager rather than fail at start-up."""
+    return shutil.which(os.environ.get("CXX", "")) or shutil.which("g++") or shutil.which("c++")
 
 
 # Decode batches up to this size run on one thread. A batch-1 step is ~50 tiny kernels; on 2 cores

@@ -27,9 +27,17 @@ def _case(seed: int, n_heads: int, n_kv_heads: int, head_dim: int, q_lens_fn):
 HEADS = [(4, 4, 16), (4, 2, 32), (8, 1, 8)]  # MHA, GQA, MQA
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def decode_path(request, monkeypatch):
+    """Decode runs the sgl-kernel kernel when built; the torch path (gather + SDPA) must agree too."""
+    if request.param == "torch":
+        monkeypatch.setattr("turbo.kernels.cpu_kernels_available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", HEADS)
 @pytest.mark.parametrize("seed", range(4))
-def test_decode_batch_matches_per_request_reference(seed, n_heads, n_kv_heads, head_dim):
+def test_decode_batch_matches_per_request_reference(seed, n_heads, n_kv_heads, head_dim, decode_path):
     """One query token per request, requests of different lengths, padding masked out."""
     q, kc, vc, r2t, pool, q_lens, kv_lens = _case(seed, n_heads, n_kv_heads, head_dim, lambda rng, n: 1)
     batch = PagedBatch.build(r2t, torch.tensor(pool), q_lens, kv_lens, n_heads // n_kv_heads)
@@ -53,7 +61,8 @@ def test_extend_with_cached_prefix_matches_reference(seed, n_heads, n_kv_heads, 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", HEADS)
 @pytest.mark.parametrize("consecutive", [True, False])
-def test_single_request_decode_reads_consecutive_slots_as_a_view(consecutive, n_heads, n_kv_heads, head_dim):
+def test_single_request_decode_reads_consecutive_slots_as_a_view(consecutive, n_heads, n_kv_heads, head_dim,
+                                                                 decode_path):
     """One decoding request: consecutive slots take the no-gather, no-mask path; others the general one."""
     torch.manual_seed(0)
     kc, vc = torch.randn(N_SLOTS, n_kv_heads, head_dim), torch.randn(N_SLOTS, n_kv_heads, head_dim)

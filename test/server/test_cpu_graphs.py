@@ -96,6 +96,12 @@ def test_cpu_graphs_are_the_default_for_a_plain_llama_server():
     assert cpu_graphs_by_default(_args(enable_torch_compile=False)) is None
 
 
+def test_cpu_graphs_default_off_without_a_cpp_compiler(monkeypatch):
+    """A machine with Python and nothing else serves eagerly instead of failing to compile."""
+    monkeypatch.setattr("sglang_turbo.graph_runner.cpp_compiler", lambda: None)
+    assert "no C++ compiler" in cpu_graphs_by_default(_args(enable_torch_compile=False))
+
+
 @pytest.mark.parametrize("overrides,reason", [
     (dict(disable_cuda_graph=True), "--disable-cuda-graph"),
     (dict(model_path=str(zoo_path("turbo-tiny-hybrid"))), "served eagerly"),
