@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 KERNEL_SOURCES = Path(__file__).resolve().parents[1] / "sgl-kernel" / "csrc" / "cpu"
 CPU_SOURCES = ("paged_decode_attention.cpp",)
 DISABLE_ENV = "SGLANG_TURBO_DISABLE_KERNELS"  # "1": always use the torch references
+# -ffast-math lets gcc call glibc's vector expf in the softmax loop: batch 1, 768 contiguous keys,
+# 75 -> 57 us a layer; batch 16, 1557 -> 1441 us (1 thread, Xeon with AVX-512, 2026-12-02). Scores
+# are finite (max-subtracted dot products of finite rows), so the NaN/inf assumptions hold.
+CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool, "error": str
@@ -87,14 +91,14 @@ def _load_cpu_kernels() -> None:
     missing = [str(s) for s in sources if not s.is_file()]
     if missing:
         raise FileNotFoundError(f"kernel sources not found: {missing} (install sglang-turbo from a source checkout)")
-    digest = hashlib.sha256(_cpu_signature().encode())
+    digest = hashlib.sha256((_cpu_signature() + "|" + " ".join(CPU_CFLAGS)).encode())
     for s in sources:
         digest.update(s.read_bytes())
     name = f"turbo_kernels_{digest.hexdigest()[:16]}"
     cpp_extension.load(
         name=name,
         sources=[str(s) for s in sources],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=list(CPU_CFLAGS),
         extra_ldflags=["-fopenmp"],
         build_directory=str(_build_dir(name)),
         is_python_module=False,
