@@ -31,7 +31,8 @@ CPU_SOURCES = ("paged_decode_attention.cpp",)
 DISABLE_ENV = "SGLANG_TURBO_DISABLE_KERNELS"  # "1": always use the torch references
 # -ffast-math lets gcc call glibc's vector expf in the softmax loop: batch 1, 768 contiguous keys,
 # 75 -> 57 us a layer; batch 16, 1557 -> 1441 us (1 thread, Xeon with AVX-512, 2026-12-02). Scores
-# are finite (max-subtracted dot products of finite rows), so the NaN/inf assumptions hold.
+# are finite (max-subtracted dot products of finite rows), so the NaN/inf assumptions hold. The flag
+# must stay off the link line: linked, it would pull in crtfastmath and flush denormals process-wide.
 CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 
 _lock = threading.Lock()
@@ -39,7 +40,7 @@ _state: dict[str, object] = {}  # "loaded": bool, "error": str
 
 
 def _cpu_signature() -> str:
-    """What the build depends on besides the sources: -march=native makes it this CPU's code."""
+    """What the build depends on besides the sources: flags, torch, and this CPU (-march=native)."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -47,7 +48,7 @@ def _cpu_signature() -> str:
                 flags += line
     except OSError:
         pass
-    return f"{platform.machine()}|{torch.__version__}|{flags}"
+    return f"{platform.machine()}|{torch.__version__}|{' '.join(CPU_CFLAGS)}|{flags}"
 
 
 def _build_dir(digest: str) -> Path:
@@ -91,7 +92,7 @@ def _load_cpu_kernels() -> None:
     missing = [str(s) for s in sources if not s.is_file()]
     if missing:
         raise FileNotFoundError(f"kernel sources not found: {missing} (install sglang-turbo from a source checkout)")
-    digest = hashlib.sha256((_cpu_signature() + "|" + " ".join(CPU_CFLAGS)).encode())
+    digest = hashlib.sha256(_cpu_signature().encode())
     for s in sources:
         digest.update(s.read_bytes())
     name = f"turbo_kernels_{digest.hexdigest()[:16]}"

@@ -18,6 +18,18 @@ def test_the_cpu_kernels_build_on_this_machine():
     assert kernels.cpu_kernels_available()
 
 
+def test_loading_the_kernels_keeps_denormals():
+    """The kernel is compiled with -ffast-math; loading it must not switch the process to
+    flush-to-zero, which would change every other op's results (fresh process: clean FP state)."""
+    code = (
+        "import torch; from turbo import kernels; tiny = torch.tensor([1e-39]); "
+        "assert (tiny * 1.0).item() > 0; kernels.load_cpu_kernels(); "
+        "assert (tiny * 1.0).item() > 0, 'denormals flushed after loading the kernels'; print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 def _case(seed, bsz, n_heads, n_kv_heads, head_dim, v_dim, max_len, dtype, scattered=True):
     gen = torch.Generator().manual_seed(seed)
     k_cache = torch.randn(N_SLOTS, n_kv_heads, head_dim, generator=gen).to(dtype)
