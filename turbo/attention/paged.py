@@ -49,15 +49,16 @@ from turbo import kernels
 class PagedBatch:
     """Per-forward layout of a batch, shared by all layers.
 
-    kv_slots:  (bsz, max_kv) long, pool slots of each request's tokens; padding points at slot 0
+    kv_slots:  (bsz, max_kv) long, pool slots of each request's tokens; past ``kv_lens[i]`` a row
+               holds whatever its source held (the decode kernel reads only the first kv_lens[i])
     kv_lens:   (bsz,) long, how many of each row's slots are keys
     q_dest:    (n_tokens,) long, row of each packed query token in the padded (bsz * max_q) layout,
                or None when every request has exactly one query token (decode)
     bsz, max_q, group: padded sizes; group = n_heads // n_kv_heads
-    kv_start:  first slot when the batch is one decode query over consecutive slots
-               ``kv_start .. kv_start + max_kv - 1`` (K/V are then a view and no mask is needed), else None
-    mask:      (bsz, 1, max_q * group, max_kv) bool, True where a query row may attend to a key;
-               built on first use (the decode kernel needs none)
+
+    Built on first use, because the decode kernel needs none of them (at batch 1 they were ~4% of a
+    compiled decode step, py-spy 2026-12-03): ``gather_slots`` (padding pointed at slot 0),
+    ``kv_start`` and ``mask``.
     """
 
     kv_slots: torch.Tensor
@@ -66,7 +67,6 @@ class PagedBatch:
     bsz: int
     max_q: int
     group: int
-    kv_start: int | None = None
     q_lens: list[int] = field(default_factory=list, repr=False)
     causal: bool = field(default=True, repr=False)
     block_mask: torch.Tensor | None = field(default=None, repr=False)
@@ -85,6 +85,20 @@ class PagedBatch:
                 ~self.mask, float("-inf")
             )
         return self._additive[dtype]
+
+    @cached_property
+    def kv_start(self) -> int | None:
+        """First slot when the batch is one decode query over consecutive slots
+        ``kv_start .. kv_start + max_kv - 1`` (K/V are then a view and no mask is needed), else None."""
+        if self.bsz == 1 and self.max_q == 1 and self.block_mask is None and _consecutive(self.kv_slots[0]):
+            return int(self.kv_slots[0, 0])
+        return None
+
+    @cached_property
+    def gather_slots(self) -> torch.Tensor:
+        """``kv_slots`` with every padding entry pointed at slot 0, safe to gather: (bsz, max_kv)."""
+        in_kv = torch.arange(self.kv_slots.shape[1], device=self.kv_slots.device)[None, :] < self.kv_lens[:, None]
+        return torch.where(in_kv, self.kv_slots, torch.zeros_like(self.kv_slots))
 
     @cached_property
     def mask(self) -> torch.Tensor:
@@ -151,11 +165,6 @@ class PagedBatch:
         kv_slots = kv_slots[:, :max_kv]
         kv_len_t = torch.tensor(kv_lens, device=device)
         layout = dict(bsz=bsz, max_q=max_q, group=group, q_lens=list(q_lens), causal=causal, block_mask=block_mask)
-        if bsz == 1 and max_q == 1 and block_mask is None and _consecutive(kv_slots[0]):
-            # Every key is visible to the one query: K/V can be a view of the pool.
-            return cls(kv_slots=kv_slots, kv_lens=kv_len_t, q_dest=None, kv_start=int(kv_slots[0, 0]), **layout)
-        in_kv = torch.arange(max_kv, device=device)[None, :] < kv_len_t[:, None]  # (bsz, max_kv)
-        kv_slots = torch.where(in_kv, kv_slots, torch.zeros_like(kv_slots))
         q_dest = None
         if max_q > 1 or min(q_lens) != 1:
             q_dest = torch.cat([torch.arange(n, device=device) + i * max_q for i, n in enumerate(q_lens)])
@@ -249,7 +258,7 @@ def paged_attention(
         k, v = k_cache.narrow(0, batch.kv_start, max_kv), v_cache.narrow(0, batch.kv_start, max_kv)
         mask = None
     else:
-        k, v = (workspace or GatherWorkspace()).gather(k_cache, v_cache, batch.kv_slots.view(-1))
+        k, v = (workspace or GatherWorkspace()).gather(k_cache, v_cache, batch.gather_slots.view(-1))
         mask = batch.additive_mask(q.dtype)
     k = k.view(bsz, max_kv, n_kv_heads, head_dim).transpose(1, 2)
     v = v.view(bsz, max_kv, n_kv_heads, v_dim).transpose(1, 2)
