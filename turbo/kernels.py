@@ -34,6 +34,7 @@ DISABLE_ENV = "SGLANG_TURBO_DISABLE_KERNELS"  # "1": always use the torch refere
 # are finite (max-subtracted dot products of finite rows), so the NaN/inf assumptions hold. The flag
 # must stay off the link line: linked, it would pull in crtfastmath and flush denormals process-wide.
 CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+CPU_LDFLAGS = ("-fopenmp",)  # test_loading_the_kernels_keeps_denormals fails with -ffast-math here (checked)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool, "error": str
@@ -48,7 +49,7 @@ def _cpu_signature() -> str:
                 flags += line
     except OSError:
         pass
-    return f"{platform.machine()}|{torch.__version__}|{' '.join(CPU_CFLAGS)}|{flags}"
+    return f"{platform.machine()}|{torch.__version__}|{' '.join(CPU_CFLAGS)}|{' '.join(CPU_LDFLAGS)}|{flags}"
 
 
 def _build_dir(digest: str) -> Path:
@@ -100,7 +101,7 @@ def _load_cpu_kernels() -> None:
         name=name,
         sources=[str(s) for s in sources],
         extra_cflags=list(CPU_CFLAGS),
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=list(CPU_LDFLAGS),
         build_directory=str(_build_dir(name)),
         is_python_module=False,
         verbose=False,

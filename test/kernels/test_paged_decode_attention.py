@@ -30,6 +30,14 @@ def test_loading_the_kernels_keeps_denormals():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("flags", ["CPU_CFLAGS", "CPU_LDFLAGS"])
+def test_changing_a_build_flag_makes_a_new_build(flags, monkeypatch):
+    """The build cache is keyed by the flags: a cached .so built with other flags is never reused."""
+    before = kernels._cpu_signature()
+    monkeypatch.setattr(kernels, flags, (*getattr(kernels, flags), "-DTURBO_TEST_FLAG"))
+    assert kernels._cpu_signature() != before
+
+
 def _case(seed, bsz, n_heads, n_kv_heads, head_dim, v_dim, max_len, dtype, scattered=True):
     gen = torch.Generator().manual_seed(seed)
     k_cache = torch.randn(N_SLOTS, n_kv_heads, head_dim, generator=gen).to(dtype)
