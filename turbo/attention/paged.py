@@ -95,10 +95,14 @@ class PagedBatch:
         return None
 
     @cached_property
+    def in_kv(self) -> torch.Tensor:
+        """(bsz, max_kv) bool, True where a row's slot is one of its keys rather than padding."""
+        return torch.arange(self.kv_slots.shape[1], device=self.kv_slots.device)[None, :] < self.kv_lens[:, None]
+
+    @cached_property
     def gather_slots(self) -> torch.Tensor:
         """``kv_slots`` with every padding entry pointed at slot 0, safe to gather: (bsz, max_kv)."""
-        in_kv = torch.arange(self.kv_slots.shape[1], device=self.kv_slots.device)[None, :] < self.kv_lens[:, None]
-        return torch.where(in_kv, self.kv_slots, torch.zeros_like(self.kv_slots))
+        return torch.where(self.in_kv, self.kv_slots, torch.zeros_like(self.kv_slots))
 
     @cached_property
     def mask(self) -> torch.Tensor:
@@ -109,8 +113,7 @@ class PagedBatch:
         kv_len_t = self.kv_lens
         kv_pos = torch.arange(max_kv, device=device)  # (max_kv,)
         q_idx = torch.arange(max_q, device=device)  # (max_q,)
-        in_kv = kv_pos[None, :] < kv_len_t[:, None]  # (bsz, max_kv)
-        mask = in_kv[:, None, :].expand(bsz, max_q, max_kv)  # (bsz, max_q, max_kv)
+        mask = self.in_kv[:, None, :].expand(bsz, max_q, max_kv)  # (bsz, max_q, max_kv)
         if self.causal and self.block_mask is None:
             q_pos = (kv_len_t - q_len_t)[:, None] + q_idx[None, :]  # (bsz, max_q) absolute positions
             mask = mask & (kv_pos[None, None, :] <= q_pos[:, :, None])
