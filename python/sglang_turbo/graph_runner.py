@@ -42,7 +42,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Checkpoint architectures the compiled path serves, and the class it serves them with.
-COMPILED_ARCHITECTURES = {"LlamaForCausalLM": "TurboLlamaForCausalLM", "TurboLlamaForCausalLM": "TurboLlamaForCausalLM"}
+COMPILED_ARCHITECTURES = {
+    "LlamaForCausalLM": "TurboLlamaForCausalLM",
+    "TurboLlamaForCausalLM": "TurboLlamaForCausalLM",
+    "LlamaMamba2ForCausalLM": "LlamaMamba2ForCausalLM",  # its layers are turbo_llama's; mixers are ops
+}
 
 
 def _architecture(model_path: str) -> str | None:
@@ -59,9 +63,10 @@ def route_to_compiled_model(args) -> None:
     ``--json-model-override-args``; an ``architectures`` the user put there wins."""
     if not getattr(args, "enable_torch_compile", False) or not args.model_path:
         return
-    target = COMPILED_ARCHITECTURES.get(_architecture(str(args.model_path)) or "")
-    if target is None:
-        return  # check_cpu_graph_args refuses it at launch
+    arch = _architecture(str(args.model_path))
+    target = COMPILED_ARCHITECTURES.get(arch or "")
+    if target is None or target == arch:
+        return  # refused at launch (check_cpu_graph_args), or served by its own class
     overrides = json.loads(args.json_model_override_args or "{}")
     if "architectures" not in overrides:
         overrides["architectures"] = [target]
@@ -171,7 +176,9 @@ class TurboCpuGraphRunner:
             )
         from .attention.backend import TurboNativeAttnBackend
 
-        if not isinstance(model_runner.attn_backend, TurboNativeAttnBackend):
+        # A hybrid model's backend wraps the attention backend beside its Mamba backend.
+        attention = getattr(model_runner.attn_backend, "full_attn_backend", model_runner.attn_backend)
+        if not isinstance(attention, TurboNativeAttnBackend):
             raise ValueError(
                 f"--enable-torch-compile on the portable CPU platform needs --attention-backend {ATTENTION_BACKEND}"
             )

@@ -3,7 +3,10 @@ Mamba radix cache) with the portable PyTorch Mamba2 ops, against the plain-PyTor
 (turbo/hybrid/model.py): greedy tokens and log-probabilities for prefill and decode, chunked prefill
 (``--chunked-prefill-size 32``, prompts up to ~100 tokens), 8 concurrent requests, a radix-cache hit that
 restores a saved Mamba state, the same output with ``--disable-radix-cache``, and TP2. Two servers share the
-module (radix cache on and off), each with a small KV pool and the default state pool.
+module, each with a small KV pool and the default state pool: "radix" decodes through CPU graphs (the portable
+platform's default: the Mamba mixers' conv and scan step are ``turbo::mamba2_decode_step`` inside the compiled
+forward), "no-radix" adds ``--disable-cuda-graph`` and decodes eagerly through SGLang's ``MambaMixer2``; both
+are checked against the reference.
 """
 
 from __future__ import annotations
@@ -58,13 +61,21 @@ def _serve(model_path, flags, tmp_path_factory, name):
     return proc, url
 
 
+class Servers(dict):
+    """Server name -> URL; ``logs``: server name -> its log file."""
+
+    logs: dict[str, str]
+
+
 @pytest.fixture(scope="module")
 def servers(model_path, tmp_path_factory):
     """{"radix": url, "no-radix": url}: both up for the whole module."""
-    procs, urls = [], {}
+    procs, urls = [], Servers()
+    urls.logs = {}
     try:
-        for name, extra in (("radix", []), ("no-radix", ["--disable-radix-cache"])):
+        for name, extra in (("radix", []), ("no-radix", ["--disable-radix-cache", "--disable-cuda-graph"])):
             proc, urls[name] = _serve(model_path, [*FLAGS, *extra], tmp_path_factory, name)
+            urls.logs[name] = proc.log_path
             procs.append(proc)
         yield urls
     finally:
@@ -137,6 +148,17 @@ def test_radix_cache_on_and_off_give_the_same_greedy_output(servers, tokenizer):
         ids = tokenizer.encode(text).ids
         on, off = (_generate(servers[c], ids)["output_ids"] for c in ("radix", "no-radix"))
         assert on == off, f"{text[:30]!r}: radix {on} != no radix {off}"
+
+
+def test_decode_runs_compiled_with_radix_cache_and_eagerly_without(servers):
+    # SGLang logs a decode batch every 40 steps, saying whether it ran as a graph.
+    for name in servers:
+        _generate(servers[name], [5, 6, 7], n_new=100)
+    logs = {name: open(log, errors="replace").read() for name, log in servers.logs.items()}
+    assert "CPU graph: decode forward compiled" in logs["radix"] and "cpu graph: True" in logs["radix"], \
+        logs["radix"][-3000:]
+    assert "cpu graph: True" not in logs["no-radix"] and "cpu graph: False" in logs["no-radix"], \
+        logs["no-radix"][-3000:]
 
 
 def test_the_state_pool_gets_the_portable_default_size(servers, model_path):

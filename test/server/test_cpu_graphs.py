@@ -105,7 +105,7 @@ def test_cpu_graphs_default_off_without_a_cpp_compiler(monkeypatch):
 
 @pytest.mark.parametrize("overrides,reason", [
     (dict(disable_cuda_graph=True), "--disable-cuda-graph"),
-    (dict(model_path=str(zoo_path("turbo-tiny-hybrid"))), "served eagerly"),
+    (dict(model_path=str(zoo_path("turbo-tiny-ladder"))), "served eagerly"),
     (dict(speculative_algorithm="EAGLE3"), "plain decode only"),
     (dict(tp_size=2), "one rank"),
     (dict(attention_backend="torch_native"), "needs --attention-backend turbo_native"),
@@ -124,6 +124,15 @@ def test_a_llama_checkpoint_is_routed_to_the_traceable_class():
     check_cpu_graph_args(args, portable=True)
 
 
+def test_a_hybrid_checkpoint_compiles_as_its_own_class():
+    """LlamaMamba2ForCausalLM's layers are already the traceable ones; its mixers run as opaque ops."""
+    assert cpu_graphs_by_default(_args(enable_torch_compile=False, model_path=str(zoo_path("turbo-tiny-hybrid")))) is None
+    args = _args(model_path=str(zoo_path("turbo-tiny-hybrid")))
+    route_to_compiled_model(args)
+    assert args.json_model_override_args == "{}"
+    check_cpu_graph_args(args, portable=True)
+
+
 def test_routing_keeps_the_users_overrides_and_needs_the_flag():
     args = _args(json_model_override_args='{"rope_theta": 5.0}')
     route_to_compiled_model(args)
@@ -137,7 +146,7 @@ def test_routing_keeps_the_users_overrides_and_needs_the_flag():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(model_path=str(zoo_path("turbo-tiny-hybrid"))), "is LlamaMamba2ForCausalLM, which is served eagerly"),
+    (dict(model_path=str(zoo_path("turbo-tiny-ladder"))), "is LadderLlamaForCausalLM, which is served eagerly"),
     (dict(json_model_override_args='{"architectures": ["LlamaForCausalLM"]}'), "needs TurboLlamaForCausalLM"),
     (dict(speculative_algorithm="NGRAM"), "compiles plain decode only"),
     (dict(tp_size=2), "runs one rank"),
@@ -151,7 +160,7 @@ def test_combinations_it_cannot_compile_are_refused(overrides, message):
 
 def test_launcher_exits_2_for_a_model_it_cannot_compile():
     proc = subprocess.run(
-        [sys.executable, "-m", "sglang_turbo.launch_server", "--model-path", "turbo-tiny-hybrid",
+        [sys.executable, "-m", "sglang_turbo.launch_server", "--model-path", "turbo-tiny-ladder",
          "--enable-torch-compile"],
         capture_output=True, text=True, timeout=300,
     )
