@@ -9,9 +9,9 @@ the Mamba radix cache saves them with a cached prefix. The residual stream is wr
 ``TurboLlamaModel`` (each sub-layer reduces its own output under TP), the same arithmetic as the reference.
 
 On the portable platform the mixer's ops are mamba_ops.py's PyTorch ones; on CUDA, upstream's kernels.
-Under CPU graphs (graph_runner.py) a Mamba layer's projections and gated norm compile with the rest of the
-layer, and its conv and scan step, which read and write the state pool, are one opaque op,
-``turbo::mamba2_decode_step``, the way attention is ``turbo::paged_attention``.
+Under CPU graphs (graph_runner.py) a Mamba layer's decode arithmetic compiles with the rest of the layer;
+reading and writing its rows of the state pool are opaque ops (``turbo::mamba2_read_state`` /
+``turbo::mamba2_write_state``), the way attention is ``turbo::paged_attention``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from sglang.srt.layers.attention.mamba.mamba import MambaMixer2
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.model_executor.forward_context import get_attn_backend
@@ -27,6 +28,7 @@ from sglang.srt.utils import add_prefix
 from torch import nn
 
 from turbo.hybrid import varlen_ops
+from turbo.hybrid.ssd import ssd_step
 
 from ..plugin import portable_platform_active
 from . import mamba_ops
@@ -58,6 +60,7 @@ class LlamaMamba2Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
                             quant_config=quant_config, prefix=add_prefix("mlp", prefix))
+        self.state_params = config.mamba2_cache_params  # one request's state shapes and dtypes (this rank's)
         _LIVE_MAMBA_LAYERS[id(self)] = self
 
     def mix(self, h: torch.Tensor, forward_batch) -> torch.Tensor:
@@ -69,45 +72,41 @@ class LlamaMamba2Layer(nn.Module):
                                forward_batch=forward_batch)
 
     def mix_decode_compiled(self, h: torch.Tensor) -> torch.Tensor:
-        """``MambaMixer2.forward`` for a decode batch (one token a request) as CPU graphs trace it: the
-        projections and the gated norm compile; the conv and scan step, which read and write the state
-        pool, are the opaque ``turbo::mamba2_decode_step``. Same arithmetic as the eager mixer."""
+        """``MambaMixer2.forward`` for a decode batch (one token a request) as CPU graphs trace it: all the
+        arithmetic compiles (the conv at one position and turbo/hybrid/ssd.py's ``ssd_step``, the reference's
+        own decode step); reading and writing the requests' rows of the state pool are the opaque
+        ``turbo::mamba2_read_state`` / ``turbo::mamba2_write_state``."""
         m = self.mamba
+        heads, groups = m.num_heads // m.tp_size, m.n_groups // m.tp_size
         projected, _ = m.in_proj(h)
         gate, xBC, dt = torch.split(
-            projected, [m.intermediate_size // m.tp_size, m.conv_dim // m.tp_size, m.num_heads // m.tp_size], dim=-1
+            projected, [m.intermediate_size // m.tp_size, m.conv_dim // m.tp_size, heads], dim=-1
         )
-        y = torch.ops.turbo.mamba2_decode_step(xBC, dt, id(self))  # (batch, local heads * head_dim)
+        window, ssm = torch.ops.turbo.mamba2_read_state(xBC, id(self))
+        # The conv at one position: the window of past inputs, then this token's.
+        full = torch.cat([window.to(xBC.dtype), xBC[:, :, None]], dim=-1)  # (batch, conv_dim, d_conv)
+        conv_weight = m.conv1d.weight.view(m.conv1d.weight.size(0), m.conv1d.weight.size(2))
+        xBC = F.silu((full * conv_weight).sum(-1) + m.conv1d.bias)
+        x, B, C = torch.split(xBC, [m.intermediate_size // m.tp_size, m.groups_ssm_state_size // m.tp_size,
+                                    m.groups_ssm_state_size // m.tp_size], dim=-1)
+        y, ssm = ssd_step(
+            x.unflatten(-1, (heads, m.head_dim)).float(),
+            F.softplus(dt.float() + m.dt_bias.float()),
+            m.A.float(),  # A = -exp(A_log), applied by the weight loader
+            B.unflatten(-1, (groups, -1)).float(),
+            C.unflatten(-1, (groups, -1)).float(),
+            m.D.float(),
+            ssm.float(),
+        )
+        y = torch.ops.turbo.mamba2_write_state(y.flatten(1).to(h.dtype), full[..., 1:], ssm, id(self))
         out, _ = m.out_proj(m.norm(y, gate))
         return out
 
-    def decode_step(self, xBC: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-        """The conv and the scan's state update for this step's decode batch, on the layer's pool rows."""
-        m = self.mamba
+    def state_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(conv pool, scan-state pool, this step's request rows in them) of this layer."""
         backend = get_attn_backend().linear_attn_backend
-        slots = backend.forward_metadata.mamba_cache_indices
         cache = backend.req_to_token_pool.mamba2_layer_cache(self.layer_id)
-        conv_weight = m.conv1d.weight.view(m.conv1d.weight.size(0), m.conv1d.weight.size(2))
-        xBC = varlen_ops.causal_conv1d_update(xBC, cache.conv[0], conv_weight, m.conv1d.bias, m.activation,
-                                              conv_state_indices=slots)
-        heads, groups = m.num_heads // m.tp_size, m.n_groups // m.tp_size
-        x, B, C = torch.split(xBC, [m.intermediate_size // m.tp_size, m.groups_ssm_state_size // m.tp_size,
-                                    m.groups_ssm_state_size // m.tp_size], dim=-1)
-        y = xBC.new_empty(xBC.shape[0], heads, m.head_dim)
-        varlen_ops.selective_state_update(
-            cache.temporal,
-            x.view(-1, heads, m.head_dim),
-            dt[:, :, None].expand(-1, -1, m.head_dim),
-            m.A[:, None, None].expand(-1, m.head_dim, m.ssm_state_size).float(),
-            B.view(-1, groups, B.shape[1] // groups),
-            C.view(-1, groups, C.shape[1] // groups),
-            m.D[:, None].expand(-1, m.head_dim),
-            dt_bias=m.dt_bias[:, None].expand(-1, m.head_dim),
-            dt_softplus=True,
-            state_batch_indices=slots,
-            out=y,
-        )
-        return y.view(xBC.shape[0], -1)
+        return cache.conv[0], cache.temporal, backend.forward_metadata.mamba_cache_indices.long()
 
 
 class LlamaMamba2Model(TurboLlamaModel):
@@ -173,25 +172,46 @@ class LlamaMamba2ForCausalLM(LlamaForCausalLM):
         raise NotImplementedError("LlamaMamba2ForCausalLM cannot be an EAGLE3 target")
 
 
-# ``turbo::mamba2_decode_step``: one Mamba layer's conv and scan step inside a compiled forward, run eagerly on
-# the step's Mamba metadata (plain library API, as for turbo::paged_attention: custom_op's wrapper costs ~100 us).
+# ``turbo::mamba2_read_state`` / ``turbo::mamba2_write_state``: a Mamba layer's state-pool rows for the decode
+# step inside a compiled forward, gathered before its arithmetic and written back after. Plain library API, as
+# for turbo::paged_attention (custom_op's wrapper costs ~100 us a call). Rows equal to the pad slot (-1) read
+# slot 0 and are not written, as in turbo/hybrid/varlen_ops.py.
 _LIBRARY = torch.library.Library("turbo", "FRAGMENT")
-_LIBRARY.define("mamba2_decode_step(Tensor xBC, Tensor dt, int layer_key) -> Tensor")
+_LIBRARY.define("mamba2_read_state(Tensor xBC, int layer_key) -> (Tensor, Tensor)")
+_LIBRARY.define("mamba2_write_state(Tensor y, Tensor conv_window, Tensor ssm_state, int layer_key) -> Tensor")
 
 
-def _mamba2_decode_step_op(xBC: torch.Tensor, dt: torch.Tensor, layer_key: int) -> torch.Tensor:
-    """Updates the layer's conv window and scan state in SGLang's Mamba pool, a side effect the graph does
-    not see; nothing in the graph reads the pool, so no reordering can observe it."""
-    return _LIVE_MAMBA_LAYERS[layer_key].decode_step(xBC, dt)
+def _mamba2_read_state_op(xBC: torch.Tensor, layer_key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    conv, ssm, slots = _LIVE_MAMBA_LAYERS[layer_key].state_rows()
+    rows = slots.clamp(min=0)
+    return conv[rows], ssm[rows]
 
 
-_LIBRARY.impl("mamba2_decode_step", _mamba2_decode_step_op, "CompositeExplicitAutograd")
+def _mamba2_write_state_op(y: torch.Tensor, conv_window: torch.Tensor, ssm_state: torch.Tensor,
+                           layer_key: int) -> torch.Tensor:
+    """Writes the step's new conv windows and scan states into SGLang's Mamba pool, a side effect the graph
+    does not see; returns a copy of ``y`` so that what follows depends on the write (and keeps it)."""
+    conv, ssm, slots = _LIVE_MAMBA_LAYERS[layer_key].state_rows()
+    live = slots != varlen_ops.PAD_SLOT_ID
+    conv[slots[live]] = conv_window[live].to(conv.dtype)
+    ssm[slots[live]] = ssm_state[live].to(ssm.dtype)
+    return y.clone()
 
 
-@torch.library.register_fake("turbo::mamba2_decode_step")
-def _(xBC, dt, layer_key):
-    mixer = _LIVE_MAMBA_LAYERS[layer_key].mamba
-    return xBC.new_empty(xBC.shape[0], mixer.num_heads // mixer.tp_size * mixer.head_dim)
+_LIBRARY.impl("mamba2_read_state", _mamba2_read_state_op, "CompositeExplicitAutograd")
+_LIBRARY.impl("mamba2_write_state", _mamba2_write_state_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("turbo::mamba2_read_state")
+def _(xBC, layer_key):
+    params = _LIVE_MAMBA_LAYERS[layer_key].state_params  # not the pool: a fake must not touch real tensors
+    return (xBC.new_empty((xBC.shape[0], *params.shape.conv[0]), dtype=params.dtype.conv),
+            xBC.new_empty((xBC.shape[0], *params.shape.temporal), dtype=params.dtype.temporal))
+
+
+@torch.library.register_fake("turbo::mamba2_write_state")
+def _(y, conv_window, ssm_state, layer_key):
+    return torch.empty_like(y)
 
 
 EntryClass = LlamaMamba2ForCausalLM
