@@ -10,6 +10,7 @@
 | ``SGLANG_TURBO_UPDATE_INTERVAL`` | TURBO: new replay positions between published versions | 1024 |
 | ``SGLANG_TURBO_LEARNING`` | TURBO: ``off`` serves without training | on |
 | ``SGLANG_TURBO_CONTROLLER`` | TURBO: ``auto``, ``static`` or ``adaptive`` | auto |
+| ``SGLANG_TURBO_PARALLEL_ATTENTION_KEYS`` | a decode step with a request over at least this many keys runs its attention on every thread, also when the CPU graph runs the step on one | 4096 |
 | ``SGLANG_TURBO_DISABLE_KERNELS`` | ``1`` runs the torch references instead of sgl-kernel's CPU kernels (read in ``turbo/kernels.py``) | 0 |
 | ``SGLANG_TURBO_ALLREDUCE_DELAY_US`` | simulated interconnect: every tensor-parallel all-reduce takes at least this long | 0 |
 | ``SGLANG_TURBO_LADDER_TRACE`` | tests: ladder models write one forward's compute/all-reduce event order to ``PATH.rankN.json`` | none |
@@ -44,6 +45,10 @@ def kv_budget_bytes() -> int:
 
 def torch_threads() -> int:
     return _positive_int("SGLANG_TURBO_THREADS", max(1, len(os.sched_getaffinity(0))))
+
+
+def parallel_attention_keys() -> int:
+    return _positive_int("SGLANG_TURBO_PARALLEL_ATTENTION_KEYS", 4096)
 
 
 OMP_SPIN_COUNT = "5000"

@@ -10,13 +10,15 @@ graphs), bigger ones eagerly; the tokens must be the same either way.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from greedy import GREEDY, PROMPTS, first_difference, server_greedy
+from greedy import GREEDY, PROMPTS, first_difference, server_greedy, transformers_greedy
 
 from sglang_turbo.graph_runner import (
     ONE_THREAD_MAX_BS,
@@ -24,14 +26,18 @@ from sglang_turbo.graph_runner import (
     cpu_graphs_by_default,
     route_to_compiled_model,
 )
+from turbo.attention import paged
 from turbo.zoo.presets import zoo_path
 
 MAX_BS = 8
+PARALLEL_KEYS = 2048
 
 
 @pytest.fixture(scope="module")
 def compiled_server(turbo_server_factory):
-    with turbo_server_factory(["--enable-torch-compile", "--torch-compile-max-bs", str(MAX_BS)]) as handle:
+    # Attention goes wide from 2048 keys here: the default, 4096, is all of turbo-tiny's positions.
+    env = {"SGLANG_TURBO_PARALLEL_ATTENTION_KEYS": str(PARALLEL_KEYS)}
+    with turbo_server_factory(["--enable-torch-compile", "--torch-compile-max-bs", str(MAX_BS)], env=env) as handle:
         yield handle
 
 
@@ -81,6 +87,20 @@ def test_batch_beyond_the_compiled_sizes_runs_eagerly_with_the_same_tokens(compi
     bad = [n for n, o in zip(names, outs) if o["output_ids"] != hf_greedy[n]]
     assert not bad, f"differ from transformers: {bad}"
     assert "compiling for an unforeseen decode batch" not in _log(compiled_server), "warm-up missed a graph"
+
+
+def test_a_long_context_runs_attention_on_every_thread_with_the_same_tokens(compiled_server, post_generate,
+                                                                         tokenizer, model_path):
+    # Past SGLANG_TURBO_PARALLEL_ATTENTION_KEYS keys, a batch-1 step (one thread) runs its attention on all.
+    ids = tokenizer(Path(paged.__file__).read_text()).input_ids[: PARALLEL_KEYS + 250]
+    assert len(ids) == PARALLEL_KEYS + 250, "the prompt must be longer than the threshold"
+    got = server_greedy(post_generate, compiled_server.base_url, ids)
+    want = transformers_greedy(model_path, {"long": ids})["long"]
+    assert got == want, f"first difference at {first_difference(got, want)}\n{got=}\n{want=}"
+    cores = len(os.sched_getaffinity(0))  # the server's threads (SGLANG_TURBO_THREADS unset)
+    if cores > 1:
+        line = f"decode attention of requests over >= {PARALLEL_KEYS} keys runs on {cores} threads"
+        assert line in _log(compiled_server), _log(compiled_server)[-3000:]
 
 
 # ----------------------------------------------------------------------------- launch-time routing and refusals

@@ -14,6 +14,7 @@ rotary, norms, MLP) is fused by inductor.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,12 +27,15 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from turbo import kernels
 from turbo.attention.paged import GatherWorkspace, PagedBatch, block_mask_from_full_layout, paged_attention
 
+from .. import env
 from . import BACKEND_NAME
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
     from sglang.srt.model_executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +73,11 @@ class TurboNativeAttnBackend(AttentionBackend):
         self._batches: dict[tuple[int, bool], PagedBatch] = {}
         self._workspace = GatherWorkspace()  # this runner's gathered K/V, reused by every layer
         self._layers: dict[int, RadixAttention] = {}  # by layer id, for the compiled op
+        # Long-context decode attention runs on every thread the process has (see attention_threads).
+        self._process_threads = torch.get_num_threads()
+        self._parallel_keys = env.parallel_attention_keys()
+        self._wide_attention = False
+        self._logged_wide = False
         _LIVE_BACKENDS[id(self)] = self
         if str(self.device) == "cpu":
             kernels.cpu_kernels_available()  # build the decode kernel at start-up, not in the first request
@@ -96,6 +105,7 @@ class TurboNativeAttnBackend(AttentionBackend):
             kv_lens = prefix_lens
         else:
             raise NotImplementedError(f"{BACKEND_NAME} does not serve forward mode {mode.name}")
+        self._wide_attention = mode.is_decode() and max(kv_lens) >= self._parallel_keys
         kv_slots = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, : max(kv_lens)]
         self.set_layout(BatchLayout(q_lens, kv_lens, kv_slots.to(torch.long), block_mask, forward_batch.out_cache_loc))
 
@@ -130,14 +140,26 @@ class TurboNativeAttnBackend(AttentionBackend):
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(out_cache_loc, None), k, v)
         causal = layer.attn_type != AttentionType.ENCODER_ONLY
         batch = self._paged_batch(layer.tp_q_head_num // layer.tp_k_head_num, causal)
-        out = paged_attention(
-            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
-            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            batch,
-            layer.scaling,
-            self._workspace,
-        )
+        step_threads = torch.get_num_threads()
+        threads = attention_threads(self._wide_attention, step_threads, self._process_threads)
+        if threads != step_threads:
+            if not self._logged_wide:
+                self._logged_wide = True
+                logger.info("decode attention of requests over >= %d keys runs on %d threads "
+                            "(SGLANG_TURBO_PARALLEL_ATTENTION_KEYS)", self._parallel_keys, threads)
+            torch.set_num_threads(threads)
+        try:
+            out = paged_attention(
+                q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
+                self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+                batch,
+                layer.scaling,
+                self._workspace,
+            )
+        finally:
+            if threads != step_threads:
+                torch.set_num_threads(step_threads)
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -174,6 +196,16 @@ _LIBRARY.impl("paged_attention", _paged_attention_op, "CompositeExplicitAutograd
 @torch.library.register_fake("turbo::paged_attention")
 def _(q, k, v, backend_id, layer_id, out_width, save_kv_cache):
     return q.new_empty(q.shape[0], out_width)
+
+
+def attention_threads(wide: bool, step_threads: int, process_threads: int) -> int:
+    """Threads for one layer's attention. The CPU graph runner runs small decode batches on one thread
+    (graph_runner.ONE_THREAD_MAX_BS: their ~50 tiny kernels a step lose more to a descheduled second thread
+    than they gain), but attention over thousands of keys is one kernel with enough work for every core:
+    the decode kernel at batch 1 over 16k keys took 2.36 ms on one thread and 0.78 ms on two (2026-12-04,
+    alone on this 2-core machine). The kernel splits work by (request, KV head), so its output does not
+    depend on the thread count (the torch fallback's may, by rounding)."""
+    return max(step_threads, process_threads) if wide else step_threads
 
 
 def _cpu_list(cpu_values, values) -> list[int]:
