@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import time
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,11 @@ COMPILED_ARCHITECTURES = {
     "TurboLlamaForCausalLM": "TurboLlamaForCausalLM",
     "LlamaMamba2ForCausalLM": "LlamaMamba2ForCausalLM",  # its layers are turbo_llama's; mixers are ops
 }
+
+
+# Speculative algorithms whose target verify forward runs compiled: their target returns logits only
+# (EAGLE's target also hands its hidden states to the draft head, which the compiled class does not).
+COMPILED_VERIFY_ALGORITHMS = ("NGRAM", "STANDALONE")
 
 
 def _architecture(model_path: str) -> str | None:
@@ -90,10 +96,11 @@ def cpu_graph_obstacle(cfg) -> str | None:
             f"--enable-torch-compile: on the portable CPU platform sglang-turbo compiles Llama checkpoints "
             f"(architecture LlamaForCausalLM); {cfg.model_path} is {arch}, which is served eagerly: drop the flag"
         )
-    if cfg.speculative_algorithm:
+    if cfg.speculative_algorithm and str(cfg.speculative_algorithm).upper() not in COMPILED_VERIFY_ALGORITHMS:
         return (
-            "--enable-torch-compile on the portable CPU platform compiles plain decode only; "
-            f"drop it or drop --speculative-algorithm {cfg.speculative_algorithm}"
+            "--enable-torch-compile on the portable CPU platform compiles plain decode and the target's verify "
+            f"forward of {'/'.join(COMPILED_VERIFY_ALGORITHMS)}, not {cfg.speculative_algorithm} (its target "
+            "hands hidden states to the draft); drop --enable-torch-compile"
         )
     if cfg.tp_size > 1 or cfg.pp_size > 1:
         return "--enable-torch-compile on the portable CPU platform runs one rank; drop it or --tp-size/--pp-size"
@@ -155,6 +162,17 @@ WARMUP_BATCH_SIZES = (1, 2, 3, ONE_THREAD_MAX_BS + 1, ONE_THREAD_MAX_BS + 2)
 INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
 
+def _own_frame(fn):
+    """``fn`` called from a function with a code object of its own. Dynamo keeps its graphs per code
+    object, and every no_grad-wrapped body shares one (torch's wrapper): a STANDALONE draft's decode
+    steps then ran on its target's graphs once guards were skipped (accept length 1.0, measured)."""
+
+    def body(*args):
+        return fn(*args)
+
+    return types.FunctionType(body.__code__.replace(), body.__globals__, body.__name__, None, body.__closure__)
+
+
 def _compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far."""
     from torch._dynamo.utils import counters
@@ -163,25 +181,35 @@ def _compiled_graphs() -> int:
 
 
 class TurboCpuGraphRunner:
-    """Runs plain decode batches of at most ``max_bs`` requests through the compiled forward."""
+    """Runs decode batches of at most ``max_bs`` requests through the compiled forward.
+
+    The same graphs serve what SGLang runs through its eager path (the model's ``compiled_body``):
+    the target-verify batches of a speculative target, and a STANDALONE draft's decode steps
+    (``compile_draft_decode``); their token count is the only shape that differs.
+    """
 
     def __init__(self, model_runner: ModelRunner):
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
         from sglang.srt.runtime_context import get_exec
 
         self.model_runner = model_runner
-        if not model_runner.spec_algorithm.is_none() or model_runner.is_draft_worker:
+        algorithm = model_runner.spec_algorithm
+        if not (algorithm.is_none() or algorithm.name in COMPILED_VERIFY_ALGORITHMS):
             raise ValueError(
-                "--enable-torch-compile on the portable CPU platform compiles plain decode only; "
-                "drop it or drop --speculative-algorithm"
+                "--enable-torch-compile on the portable CPU platform compiles plain decode and the target's "
+                f"verify forward of {'/'.join(COMPILED_VERIFY_ALGORITHMS)}; drop it or drop --speculative-algorithm"
             )
         from .attention.backend import TurboNativeAttnBackend
 
-        # A hybrid model's backend wraps the attention backend beside its Mamba backend.
-        attention = getattr(model_runner.attn_backend, "full_attn_backend", model_runner.attn_backend)
+        # A hybrid model's backend wraps the attention backend beside its Mamba backend; a draft
+        # runner's own backend is not built (its steps run on the draft worker's), so warm up on one.
+        backend = model_runner.attn_backend if not model_runner.is_draft_worker else TurboNativeAttnBackend(model_runner)
+        attention = getattr(backend, "full_attn_backend", backend)
         if not isinstance(attention, TurboNativeAttnBackend):
             raise ValueError(
                 f"--enable-torch-compile on the portable CPU platform needs --attention-backend {ATTENTION_BACKEND}"
             )
+        self.backend = backend
         self.capture_bs = sorted(set(get_exec().graph.cuda_graph_config.decode.bs))
         self.max_bs = max(self.capture_bs)
         self.bs = None  # read by SGLang's logging: this runner never pads a batch
@@ -192,12 +220,19 @@ class TurboCpuGraphRunner:
         self._body = self._eager_body
         self._warm = False  # guards are evaluated until every graph has been compiled
         self._run(self._warmup_batch(1))  # eager: the attention backend learns its layers
-        self._body = torch.compile(self._eager_body, dynamic=None, options=INDUCTOR_OPTIONS)
+        self._body = torch.compile(_own_frame(self._eager_body), dynamic=None, options=INDUCTOR_OPTIONS)
         tic, graphs_before = time.perf_counter(), _compiled_graphs()
         for bs in WARMUP_BATCH_SIZES:
             if bs <= self.max_bs:
                 self._run(self._warmup_batch(bs))
         self._warm = True
+        # Forwards that reach the model through SGLang's eager path rather than through execute().
+        if model_runner.is_draft_worker:
+            model.compiled_body, model.compiled_modes = self._run_body, (ForwardMode.DECODE, ForwardMode.DRAFT_EXTEND_V2)
+            logger.info("CPU graph: the %s draft's decode steps and extend run the compiled forward", algorithm.name)
+        elif not algorithm.is_none():
+            model.compiled_body, model.compiled_modes = self._run_body, (ForwardMode.TARGET_VERIFY,)
+            logger.info("CPU graph: %s target verify runs the compiled forward", algorithm.name)
         logger.info(
             "CPU graph: decode forward compiled for batch sizes 1..%d (%d graphs) in %.1f s",
             self.max_bs, _compiled_graphs() - graphs_before, time.perf_counter() - tic,
@@ -214,7 +249,7 @@ class TurboCpuGraphRunner:
     def _run(self, forward_batch: ForwardBatch):
         from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
-        backend = self.model_runner.attn_backend
+        backend = self.backend
         backend.init_forward_metadata(forward_batch)
         model = self.model_runner.model
         threads = torch.get_num_threads()
@@ -226,6 +261,16 @@ class TurboCpuGraphRunner:
                 # the full guard set cost ~0.6 ms a step, and nothing else here varies between steps.
                 hidden = self._compiled_body(forward_batch)
                 return model.logits_processor(forward_batch.input_ids, hidden, model.lm_head, forward_batch)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run_body(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        """The body's hidden states for a batch whose attention layout SGLang's eager path has set."""
+        threads = torch.get_num_threads()
+        if forward_batch.batch_size <= ONE_THREAD_MAX_BS:
+            torch.set_num_threads(1)
+        try:
+            return self._compiled_body(forward_batch)
         finally:
             torch.set_num_threads(threads)
 
@@ -265,3 +310,18 @@ class TurboCpuGraphRunner:
         )
         self.model_runner.kv_index_translator.bind_runner_slots(forward_batch)
         return forward_batch
+
+
+def compile_draft_decode(model_runner: ModelRunner) -> None:
+    """CPU graphs for a STANDALONE draft model's decode steps (``model_runner``: the draft's), once,
+    when the server runs CPU graphs and the draft is served by the traceable Llama class."""
+    from sglang.srt.runtime_context import get_flags
+
+    from .models.turbo_llama import TurboLlamaForCausalLM
+
+    model = model_runner.model
+    # The draft runner's own server args have compile off; the server's flag is the global one.
+    if (str(model_runner.device) != "cpu" or not get_flags().capture.enable_torch_compile
+            or not isinstance(model, TurboLlamaForCausalLM) or model.compiled_body is not None):
+        return
+    TurboCpuGraphRunner(model_runner)

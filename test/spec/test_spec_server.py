@@ -7,6 +7,8 @@ time; the session's plain server (no speculation, same target) is the reference:
   through a radix-cache hit;
 - sampling (temperature 1, top-k 3): the 3-token continuations follow the target's own
   distribution, computed exactly with transformers (chi-square test);
+- NGRAM's and STANDALONE's target verify runs the compiled forward (CPU graphs), and so do
+  STANDALONE's draft steps; EAGLE's run eagerly;
 - ``meta_info`` carries ``spec_verify_ct`` and ``spec_accept_length`` as upstream defines
   them (accept length = completion tokens / verify rounds).
 """
@@ -48,10 +50,19 @@ SPEC_CONFIGS = {
 }
 
 
+# Their target returns logits only, so its verify forward runs on the CPU graphs (the platform's default).
+COMPILED_VERIFY = {"standalone-chain", "standalone-tree", "ngram"}
+
+
 @pytest.fixture(scope="module", params=list(SPEC_CONFIGS), ids=list(SPEC_CONFIGS))
-def spec_server(request, turbo_server_factory) -> str:
+def spec_handle(request, turbo_server_factory):
     with turbo_server_factory(SPEC_CONFIGS[request.param]) as handle:
-        yield handle.base_url
+        yield request.param, handle
+
+
+@pytest.fixture(scope="module")
+def spec_server(spec_handle) -> str:
+    return spec_handle[1].base_url
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +106,18 @@ def test_greedy_output_is_identical_through_a_radix_cache_hit(spec_server, serve
     out = post_generate(spec_server, greedy_payload(longer))
     assert out["meta_info"]["cached_tokens"] >= len(base) - 1, f"no radix hit: {out['meta_info']}"
     assert out["output_ids"] == post_generate(server, greedy_payload(longer))["output_ids"]
+
+
+def test_verify_runs_compiled_where_the_target_returns_only_logits(spec_handle):
+    """So every greedy and sampling test here checks the compiled verify forward for NGRAM and STANDALONE,
+    and the compiled draft steps for STANDALONE (its draft is a Llama)."""
+    name, handle = spec_handle
+    with open(handle.log_path, errors="replace") as f:
+        log = f.read()
+    compiled = "target verify runs the compiled forward" in log
+    assert compiled == (name in COMPILED_VERIFY), f"{name}: compiled verify {compiled}; log tail {log[-2000:]}"
+    draft_compiled = "draft's decode steps and extend run the compiled forward" in log
+    assert draft_compiled == name.startswith("standalone"), f"{name}: compiled draft {draft_compiled}"
 
 
 def test_meta_info_reports_verify_rounds_and_accept_length(spec_server, post_generate, prompt_ids):

@@ -49,8 +49,9 @@ class BatchLayout:
     out_cache_loc: torch.Tensor | None = None  # where this forward's new K/V go (read by the compiled op)
 
 
-# Backends by id, for the compiled op: a graph can hold only ints, not the backend object.
-_LIVE_BACKENDS: "weakref.WeakValueDictionary[int, TurboNativeAttnBackend]" = weakref.WeakValueDictionary()
+# Layers by KV pool and layer id, for the compiled op (a graph can hold ints, not modules). Shared by all
+# backends over one pool: a draft's per-step backends serve the same layers.
+_LAYERS_BY_POOL: "weakref.WeakKeyDictionary[object, dict[int, RadixAttention]]" = weakref.WeakKeyDictionary()
 
 
 class TurboNativeAttnBackend(AttentionBackend):
@@ -72,13 +73,12 @@ class TurboNativeAttnBackend(AttentionBackend):
         self._layout: BatchLayout | None = None
         self._batches: dict[tuple[int, bool], PagedBatch] = {}
         self._workspace = GatherWorkspace()  # this runner's gathered K/V, reused by every layer
-        self._layers: dict[int, RadixAttention] = {}  # by layer id, for the compiled op
+        self._layers = _LAYERS_BY_POOL.setdefault(self.token_to_kv_pool, {})  # by layer id, for the compiled op
         # Long-context decode attention runs on every thread the process has (see attention_threads).
         self._process_threads = torch.get_num_threads()
         self._parallel_keys = env.parallel_attention_keys()
         self._wide_attention = False
         self._logged_wide = False
-        _LIVE_BACKENDS[id(self)] = self
         if str(self.device) == "cpu":
             kernels.cpu_kernels_available()  # build the decode kernel at start-up, not in the first request
 
@@ -126,7 +126,7 @@ class TurboNativeAttnBackend(AttentionBackend):
     def _forward(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool):
         if torch.compiler.is_compiling():
             out_width = layer.tp_q_head_num * layer.v_head_dim
-            return torch.ops.turbo.paged_attention(q, k, v, id(self), layer.layer_id, out_width, save_kv_cache)
+            return torch.ops.turbo.paged_attention(q, k, v, layer.layer_id, out_width, save_kv_cache)
         self._layers[layer.layer_id] = layer  # the graph runner's eager warm-up fills this before compiling
         return self._attend(q, k, v, layer, forward_batch.out_cache_loc, save_kv_cache)
 
@@ -173,19 +173,27 @@ class TurboNativeAttnBackend(AttentionBackend):
 
 
 # ``turbo::paged_attention``: one layer's attention inside a compiled forward, run eagerly with the
-# backend's current layout. Defined with the plain library API rather than ``torch.library.custom_op``,
+# layout of the backend the forward in progress runs on (SGLang's forward context), so one graph
+# serves every backend instance: a draft's per-step backends, the target's. Defined with the plain library API rather than ``torch.library.custom_op``,
 # whose autograd wrapper cost ~100 us a call on this CPU (7% of a decode step at batch 1).
 _LIBRARY = torch.library.Library("turbo", "DEF")
 _LIBRARY.define(
-    "paged_attention(Tensor q, Tensor k, Tensor v, int backend_id, int layer_id, int out_width, "
-    "bool save_kv_cache) -> Tensor"
+    "paged_attention(Tensor q, Tensor k, Tensor v, int layer_id, int out_width, bool save_kv_cache) -> Tensor"
 )
 
 
-def _paged_attention_op(q, k, v, backend_id: int, layer_id: int, out_width: int, save_kv_cache: bool):
+def _step_backend() -> TurboNativeAttnBackend:
+    """The backend of the forward in progress; a hybrid model's context holds a wrapper around ours."""
+    from sglang.srt.model_executor.forward_context import get_forward_context
+
+    backend = get_forward_context().attn_backend
+    return getattr(backend, "full_attn_backend", backend)
+
+
+def _paged_attention_op(q, k, v, layer_id: int, out_width: int, save_kv_cache: bool):
     """Writes the layer's new K/V into the pool, a side effect the graph does not see; nothing in
     the graph reads the pool, so no reordering can observe it."""
-    backend = _LIVE_BACKENDS[backend_id]
+    backend = _step_backend()
     layer = backend._layers[layer_id]
     return backend._attend(q, k, v, layer, backend._layout.out_cache_loc, save_kv_cache)
 
@@ -194,7 +202,7 @@ _LIBRARY.impl("paged_attention", _paged_attention_op, "CompositeExplicitAutograd
 
 
 @torch.library.register_fake("turbo::paged_attention")
-def _(q, k, v, backend_id, layer_id, out_width, save_kv_cache):
+def _(q, k, v, layer_id, out_width, save_kv_cache):
     return q.new_empty(q.shape[0], out_width)
 
 
@@ -243,4 +251,5 @@ class TurboNativeMultiStepDraftBackend:
             cols = prefix[:, None] + torch.arange(i + 1)  # (rows, i + 1) where the drafted tokens go
             kv_slots.scatter_(1, cols, branch_slots[:, : i + 1])
             kv_lens = (prefix + i + 1).tolist()
-            backend.set_layout(BatchLayout([1] * len(kv_lens), kv_lens, kv_slots))
+            # out_cache_loc: where step i's token goes (upstream's per-step slice), read by the compiled op.
+            backend.set_layout(BatchLayout([1] * len(kv_lens), kv_lens, kv_slots, None, branch_slots[:, i]))

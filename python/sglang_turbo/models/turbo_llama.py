@@ -65,8 +65,20 @@ class TurboLlamaModel(nn.Module):
 class TurboLlamaForCausalLM(LlamaForCausalLM):
     """Served like ``LlamaForCausalLM``; only the residual stream is written differently."""
 
+    # Set by graph_runner.py for forwards that SGLang runs through its eager path, not through the CPU
+    # graph runner: a speculative target's verify batches, a STANDALONE draft's decode steps.
+    compiled_body = None  # forward_batch -> the body's hidden states, run by the compiled graphs
+    compiled_modes: tuple = ()  # the ForwardModes it serves
+
     def _init_model(self, config, quant_config=None, prefix: str = ""):
         return TurboLlamaModel(config, quant_config=quant_config, prefix=prefix)
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None, get_embedding=False,
+                pp_proxy_tensors=None):
+        if forward_batch.forward_mode in self.compiled_modes and input_embeds is None:
+            hidden = self.compiled_body(forward_batch)
+            return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
+        return super().forward(input_ids, positions, forward_batch, input_embeds, get_embedding, pp_proxy_tensors)
 
     def forward_split_prefill(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} has no split prefill")

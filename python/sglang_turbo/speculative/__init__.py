@@ -33,8 +33,9 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.speculative import spec_utils
 
-    from . import draft_backends, kernels
+    from . import draft_backends, draft_graphs, kernels
 
     draft_backends.register()
+    draft_graphs.register()
     kernels.install_kernel_fallbacks()
     HookRegistry.register(TOPK_TARGET, _eager(spec_utils._select_top_k_tokens_later), HookType.REPLACE)
