@@ -50,9 +50,9 @@ COMPILED_ARCHITECTURES = {
 }
 
 
-# Speculative algorithms whose target verify forward runs compiled: their target returns logits only
-# (EAGLE's target also hands its hidden states to the draft head, which the compiled class does not).
-COMPILED_VERIFY_ALGORITHMS = ("NGRAM", "STANDALONE")
+# Speculative algorithms whose target verify forward runs compiled (an EAGLE3 / TURBO target's body
+# also returns the aux-layer residual streams its draft head reads; the logits processor stays eager).
+COMPILED_VERIFY_ALGORITHMS = ("NGRAM", "STANDALONE", "EAGLE", "EAGLE3", "TURBO")
 
 
 def _architecture(model_path: str) -> str | None:
@@ -79,6 +79,22 @@ def route_to_compiled_model(args) -> None:
         args.json_model_override_args = json.dumps(overrides)
 
 
+def restore_draft_head_architecture(model_config) -> None:
+    """Give an EAGLE3 head back its own class when the compile routing renamed it.
+
+    ``--json-model-override-args`` is applied to the draft's config as well as the target's: the
+    ``TurboLlamaForCausalLM`` that route_to_compiled_model puts there is right for a Llama draft
+    (STANDALONE, whose draft then compiles too) but would load an EAGLE3 head as a Llama.
+    """
+    config = model_config.hf_config
+    turbo_llama = COMPILED_ARCHITECTURES["LlamaForCausalLM"]
+    if not model_config.is_draft_model or getattr(config, "architectures", None) != [turbo_llama]:
+        return
+    own = _architecture(str(model_config.model_path))
+    if own is not None and COMPILED_ARCHITECTURES.get(own) != turbo_llama:
+        config.architectures = [own]
+
+
 def cpu_graph_obstacle(cfg) -> str | None:
     """Why ``cfg`` (server args) cannot run CPU graphs on the portable platform, or None when it can."""
     arch = _architecture(str(cfg.model_path)) if cfg.model_path else None
@@ -99,8 +115,8 @@ def cpu_graph_obstacle(cfg) -> str | None:
     if cfg.speculative_algorithm and str(cfg.speculative_algorithm).upper() not in COMPILED_VERIFY_ALGORITHMS:
         return (
             "--enable-torch-compile on the portable CPU platform compiles plain decode and the target's verify "
-            f"forward of {'/'.join(COMPILED_VERIFY_ALGORITHMS)}, not {cfg.speculative_algorithm} (its target "
-            "hands hidden states to the draft); drop --enable-torch-compile"
+            f"forward of {'/'.join(COMPILED_VERIFY_ALGORITHMS)}, not {cfg.speculative_algorithm}; drop "
+            "--enable-torch-compile"
         )
     if cfg.tp_size > 1 or cfg.pp_size > 1:
         return "--enable-torch-compile on the portable CPU platform runs one rank; drop it or --tp-size/--pp-size"
@@ -188,10 +204,20 @@ class TurboCpuGraphRunner:
     (``compile_draft_decode``); their token count is the only shape that differs.
     """
 
-    def __init__(self, model_runner: ModelRunner):
+    def __init__(self, model_runner: ModelRunner, attn_backend=None, speculative_num_steps=None,
+                 speculative_num_draft_tokens=None):
+        """The keyword arguments are upstream's for a speculative lookahead's own runner (an adaptive
+        state, ``build_adaptive_runtime_state``): it shares the graphs already compiled for the model
+        and runs them with that state's attention backend, which the graphs read from SGLang's forward
+        context, so its verify shape (draft tokens) needs no graph of its own."""
         from sglang.srt.model_executor.forward_batch_info import ForwardMode
         from sglang.srt.runtime_context import get_exec
 
+        compiled = getattr(getattr(model_runner.model, "compiled_body", None), "__self__", None)
+        if isinstance(compiled, TurboCpuGraphRunner) and compiled.model_runner is model_runner:
+            self.__dict__.update(compiled.__dict__)
+            self.backend = attn_backend if attn_backend is not None else compiled.backend
+            return
         self.model_runner = model_runner
         algorithm = model_runner.spec_algorithm
         if not (algorithm.is_none() or algorithm.name in COMPILED_VERIFY_ALGORITHMS):
@@ -259,13 +285,12 @@ class TurboCpuGraphRunner:
             with forward_context(ForwardContext(attn_backend=backend), forward_batch=forward_batch):
                 # Once every graph exists, dynamo checks only what tells them apart (batch 1 or not):
                 # the full guard set cost ~0.6 ms a step, and nothing else here varies between steps.
-                hidden = self._compiled_body(forward_batch)
-                return model.logits_processor(forward_batch.input_ids, hidden, model.lm_head, forward_batch)
+                return model.logits_from_body(forward_batch.input_ids, self._compiled_body(forward_batch), forward_batch)
         finally:
             torch.set_num_threads(threads)
 
-    def _run_body(self, forward_batch: ForwardBatch) -> torch.Tensor:
-        """The body's hidden states for a batch whose attention layout SGLang's eager path has set."""
+    def _run_body(self, forward_batch: ForwardBatch):
+        """The body's output (hidden states, and an EAGLE3 target's aux list) for a batch whose attention layout SGLang's eager path has set."""
         threads = torch.get_num_threads()
         if forward_batch.batch_size <= ONE_THREAD_MAX_BS:
             torch.set_num_threads(1)
@@ -274,7 +299,7 @@ class TurboCpuGraphRunner:
         finally:
             torch.set_num_threads(threads)
 
-    def _compiled_body(self, forward_batch: ForwardBatch) -> torch.Tensor:
+    def _compiled_body(self, forward_batch: ForwardBatch):
         args = (forward_batch.input_ids, forward_batch.positions, forward_batch)
         if not self._warm:
             return self._body(*args)

@@ -117,9 +117,10 @@ def test_cpu_graphs_are_the_default_for_a_plain_llama_server():
     assert cpu_graphs_by_default(_args(enable_torch_compile=False)) is None
 
 
-@pytest.mark.parametrize("algorithm", ["NGRAM", "STANDALONE"])
-def test_cpu_graphs_are_the_default_for_speculation_whose_target_returns_only_logits(algorithm):
-    """NGRAM's and STANDALONE's target verify forward is the compiled body (test/spec/test_spec_server.py)."""
+@pytest.mark.parametrize("algorithm", ["NGRAM", "STANDALONE", "EAGLE", "EAGLE3", "TURBO"])
+def test_cpu_graphs_are_the_default_for_every_speculative_algorithm_served_here(algorithm):
+    """The target's verify forward is the compiled body; an EAGLE3 / TURBO target's body also returns the
+    aux-layer hidden states its head reads (test/spec/test_spec_server.py, test_adaptive_server.py)."""
     assert cpu_graphs_by_default(_args(enable_torch_compile=False, speculative_algorithm=algorithm)) is None
     check_cpu_graph_args(_args(speculative_algorithm=algorithm), portable=True)
 
@@ -133,7 +134,7 @@ def test_cpu_graphs_default_off_without_a_cpp_compiler(monkeypatch):
 @pytest.mark.parametrize("overrides,reason", [
     (dict(disable_cuda_graph=True), "--disable-cuda-graph"),
     (dict(model_path=str(zoo_path("turbo-tiny-ladder"))), "served eagerly"),
-    (dict(speculative_algorithm="EAGLE3"), "not EAGLE3"),
+    (dict(speculative_algorithm="DFLASH"), "not DFLASH"),
     (dict(tp_size=2), "one rank"),
     (dict(attention_backend="torch_native"), "needs --attention-backend turbo_native"),
     (dict(enable_lora=True), "LoRA"),
@@ -175,7 +176,7 @@ def test_routing_keeps_the_users_overrides_and_needs_the_flag():
 @pytest.mark.parametrize("overrides,message", [
     (dict(model_path=str(zoo_path("turbo-tiny-ladder"))), "is LadderLlamaForCausalLM, which is served eagerly"),
     (dict(json_model_override_args='{"architectures": ["LlamaForCausalLM"]}'), "needs TurboLlamaForCausalLM"),
-    (dict(speculative_algorithm="EAGLE"), "not EAGLE .its target hands hidden states"),
+    (dict(speculative_algorithm="DFLASH"), "not DFLASH; drop --enable-torch-compile"),
     (dict(tp_size=2), "runs one rank"),
 ])
 def test_combinations_it_cannot_compile_are_refused(overrides, message):

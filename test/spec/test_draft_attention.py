@@ -8,13 +8,17 @@ import torch
 from sglang_turbo.attention.backend import TurboNativeMultiStepDraftBackend
 
 
+class StubPool:
+    """A KV pool stand-in: the backend only keys its per-pool layer table by it (weakly)."""
+
+
 def test_each_branch_reads_the_prefix_then_its_own_drafted_slots():
     bsz, topk, steps = 2, 3, 4
     req_to_token = torch.arange(10 * 64, dtype=torch.int32).view(10, 64) + 1000  # distinct slot ids
     runner = SimpleNamespace(
         device="cpu",
         req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
-        token_to_kv_pool=None,
+        token_to_kv_pool=StubPool(),
         model_config=SimpleNamespace(context_len=64),
     )
     backend = TurboNativeMultiStepDraftBackend(runner, topk, steps)

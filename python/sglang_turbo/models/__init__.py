@@ -26,9 +26,12 @@ def register_models() -> None:
     ModelRegistry.register(PACKAGE, strict=True)
 
 
-def _before_get_model_architecture(*args, **kwargs):
+def _before_get_model_architecture(model_config, *args, **kwargs):
+    from ..graph_runner import restore_draft_head_architecture
+
     register_models()
-    return None  # arguments unchanged
+    restore_draft_head_architecture(model_config)  # an EAGLE3 head under the CPU graphs' class override
+    return None  # the same arguments, model_config possibly corrected in place
 
 
 def register() -> None:

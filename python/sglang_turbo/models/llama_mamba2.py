@@ -32,7 +32,7 @@ from turbo.hybrid.ssd import ssd_step
 
 from ..plugin import portable_platform_active
 from . import mamba_ops
-from .turbo_llama import TurboLlamaModel
+from .turbo_llama import TurboLlamaForCausalLM, TurboLlamaModel
 
 # Mamba layers by id(layer), for the compiled op to find its layer (the graph runner's warm-up builds them all).
 _LIVE_MAMBA_LAYERS: dict[int, "LlamaMamba2Layer"] = {}
@@ -164,6 +164,9 @@ class LlamaMamba2ForCausalLM(LlamaForCausalLM):
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"checkpoint leaves parameters unset: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+    # What the CPU graph runner turns the compiled body's output into logits with (never aux states here).
+    logits_from_body = TurboLlamaForCausalLM.logits_from_body
 
     def forward_split_prefill(self, *args, **kwargs):
         raise NotImplementedError("LlamaMamba2ForCausalLM has no split prefill")

@@ -55,11 +55,16 @@ class TurboLlamaModel(nn.Module):
         return layer.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch)
 
     def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None):
+        """The normed hidden states; with ``layers_to_capture`` set (an EAGLE3 target), also the
+        residual stream entering each of those layers, as upstream's Llama captures it."""
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds  # (n_tokens, hidden)
-        for layer in self.layers:
+        aux = []
+        for i, layer in enumerate(self.layers):
+            if i in self.layers_to_capture:
+                aux.append(x)  # x is rebound below, never written in place: no copy needed
             x = x + self.mix_tokens(layer, layer.input_layernorm(x), positions, forward_batch)
             x = x + layer.mlp(layer.post_attention_layernorm(x), forward_batch=forward_batch)
-        return self.norm(x)
+        return (self.norm(x), aux) if aux else self.norm(x)
 
 
 class TurboLlamaForCausalLM(LlamaForCausalLM):
@@ -67,6 +72,8 @@ class TurboLlamaForCausalLM(LlamaForCausalLM):
 
     # Set by graph_runner.py for forwards that SGLang runs through its eager path, not through the CPU
     # graph runner: a speculative target's verify batches, a STANDALONE draft's decode steps.
+    # upstream's set_eagle3_layers_to_capture (an EAGLE3 target) works unchanged: it sets
+    # capture_aux_hidden_states and model.layers_to_capture, which TurboLlamaModel reads.
     compiled_body = None  # forward_batch -> the body's hidden states, run by the compiled graphs
     compiled_modes: tuple = ()  # the ForwardModes it serves
 
@@ -76,15 +83,16 @@ class TurboLlamaForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids, positions, forward_batch, input_embeds=None, get_embedding=False,
                 pp_proxy_tensors=None):
         if forward_batch.forward_mode in self.compiled_modes and input_embeds is None:
-            hidden = self.compiled_body(forward_batch)
-            return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
+            return self.logits_from_body(input_ids, self.compiled_body(forward_batch), forward_batch)
         return super().forward(input_ids, positions, forward_batch, input_embeds, get_embedding, pp_proxy_tensors)
+
+    def logits_from_body(self, input_ids, body_output, forward_batch):
+        """The logits processor's output for what ``TurboLlamaModel.forward`` returned."""
+        hidden, aux = body_output if self.capture_aux_hidden_states else (body_output, None)
+        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch, aux)
 
     def forward_split_prefill(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} has no split prefill")
-
-    def set_eagle3_layers_to_capture(self, layer_ids=None):
-        raise NotImplementedError(f"{type(self).__name__} does not capture hidden states (EAGLE3 target)")
 
 
 EntryClass = TurboLlamaForCausalLM
