@@ -290,7 +290,8 @@ class TurboCpuGraphRunner:
             torch.set_num_threads(threads)
 
     def _run_body(self, forward_batch: ForwardBatch):
-        """The body's output (hidden states, and an EAGLE3 target's aux list) for a batch whose attention layout SGLang's eager path has set."""
+        """The body's output (hidden states, and an EAGLE3 target's aux list) for a batch whose
+        attention layout SGLang's eager path has set."""
         threads = torch.get_num_threads()
         if forward_batch.batch_size <= ONE_THREAD_MAX_BS:
             torch.set_num_threads(1)

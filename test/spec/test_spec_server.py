@@ -51,8 +51,6 @@ SPEC_CONFIGS = {
 }
 
 
-
-
 @pytest.fixture(scope="module", params=list(SPEC_CONFIGS), ids=list(SPEC_CONFIGS))
 def spec_handle(request, turbo_server_factory):
     with turbo_server_factory(SPEC_CONFIGS[request.param]) as handle:
