@@ -3,6 +3,9 @@
     python benchmark/bench_spec.py            # 16 prompts per domain, 128 new tokens, batch 1 and 8
     python benchmark/bench_spec.py --systems none,eagle3-chain --domains records --batch 1
 
+Systems: no speculation, EAGLE3 chain and tree, STANDALONE, NGRAM, and TURBO (the adaptive speculator,
+in-domain here: benchmark/bench_adaptive_spec.py measures it under a domain shift).
+
 Workload (seeded, in-domain, held out: never seen by turbo-tiny, its draft or its EAGLE3 head in
 training), one per domain: "code", 96-token windows of held-out standard-library files, and
 "records", 96-token windows of generated records (JSON lines, CSV, configs, arithmetic, chat)
@@ -45,6 +48,9 @@ SYSTEMS = {
                    "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
                    "--speculative-num-draft-tokens", "4"],
     "ngram": ["--speculative-algorithm", "NGRAM"],
+    # the adaptive speculator (docs/adaptive_speculator.md) with its defaults: the shipped head, learning
+    # on, the controller choosing the head and the lookahead (at most 4 steps); nothing persisted
+    "turbo": ["--speculative-algorithm", "TURBO", "--speculative-draft-model-path", "turbo-tiny-eagle3"],
 }
 
 

@@ -50,6 +50,9 @@ COMPILED_ARCHITECTURES = {
 }
 
 
+# Draft heads served by a compiled class under CPU graphs (route_draft_head).
+COMPILED_DRAFT_HEADS = {"LlamaForCausalLMEagle3": "TurboLlamaForCausalLMEagle3"}
+
 # Speculative algorithms whose target verify forward runs compiled (an EAGLE3 / TURBO target's body
 # also returns the aux-layer residual streams its draft head reads; the logits processor stays eager).
 COMPILED_VERIFY_ALGORITHMS = ("NGRAM", "STANDALONE", "EAGLE", "EAGLE3", "TURBO")
@@ -79,12 +82,13 @@ def route_to_compiled_model(args) -> None:
         args.json_model_override_args = json.dumps(overrides)
 
 
-def restore_draft_head_architecture(model_config) -> None:
-    """Give an EAGLE3 head back its own class when the compile routing renamed it.
+def route_draft_head(model_config) -> None:
+    """Serve an EAGLE3 head with its compiled class when the compile routing renamed it.
 
     ``--json-model-override-args`` is applied to the draft's config as well as the target's: the
     ``TurboLlamaForCausalLM`` that route_to_compiled_model puts there is right for a Llama draft
-    (STANDALONE, whose draft then compiles too) but would load an EAGLE3 head as a Llama.
+    (STANDALONE, whose draft then compiles too) but would load an EAGLE3 head as a Llama. The head
+    gets its own architecture back, or the compiled class for it (``COMPILED_DRAFT_HEADS``).
     """
     config = model_config.hf_config
     turbo_llama = COMPILED_ARCHITECTURES["LlamaForCausalLM"]
@@ -92,7 +96,7 @@ def restore_draft_head_architecture(model_config) -> None:
         return
     own = _architecture(str(model_config.model_path))
     if own is not None and COMPILED_ARCHITECTURES.get(own) != turbo_llama:
-        config.architectures = [own]
+        config.architectures = [COMPILED_DRAFT_HEADS.get(own, own)]
 
 
 def cpu_graph_obstacle(cfg) -> str | None:
@@ -211,7 +215,7 @@ class TurboCpuGraphRunner:
         and runs them with that state's attention backend, which the graphs read from SGLang's forward
         context, so its verify shape (draft tokens) needs no graph of its own."""
         from sglang.srt.model_executor.forward_batch_info import ForwardMode
-        from sglang.srt.runtime_context import get_exec
+        from sglang.srt.runtime_context import get_exec, get_spec
 
         compiled = getattr(getattr(model_runner.model, "compiled_body", None), "__self__", None)
         if isinstance(compiled, TurboCpuGraphRunner) and compiled.model_runner is model_runner:
@@ -241,8 +245,10 @@ class TurboCpuGraphRunner:
         self.bs = None  # read by SGLang's logging: this runner never pads a batch
         model = model_runner.model
         # The layers are compiled, the logits processor is not: it branches on per-request options
-        # (logprobs, hidden states) that would each be a guard and a recompile.
-        self._eager_body = torch.no_grad()(model.model.forward)
+        # (logprobs, hidden states) that would each be a guard and a recompile. A body may say what it
+        # compiles (``graph_body``, else its forward) and with what (``graph_inputs``).
+        self._graph_inputs = model.model.graph_inputs
+        self._eager_body = torch.no_grad()(getattr(model.model, "graph_body", model.model.forward))
         self._body = self._eager_body
         self._warm = False  # guards are evaluated until every graph has been compiled
         self._run(self._warmup_batch(1))  # eager: the attention backend learns its layers
@@ -251,6 +257,8 @@ class TurboCpuGraphRunner:
         for bs in WARMUP_BATCH_SIZES:
             if bs <= self.max_bs:
                 self._run(self._warmup_batch(bs))
+        if model_runner.is_draft_worker and (draft_tokens := get_spec().speculative_num_draft_tokens or 1) > 1:
+            self._warm_up_draft_extend(draft_tokens)
         self._warm = True
         # Forwards that reach the model through SGLang's eager path rather than through execute().
         if model_runner.is_draft_worker:
@@ -260,7 +268,8 @@ class TurboCpuGraphRunner:
             model.compiled_body, model.compiled_modes = self._run_body, (ForwardMode.TARGET_VERIFY,)
             logger.info("CPU graph: %s target verify runs the compiled forward", algorithm.name)
         logger.info(
-            "CPU graph: decode forward compiled for batch sizes 1..%d (%d graphs) in %.1f s",
+            "CPU graph: decode forward%s compiled for batch sizes 1..%d (%d graphs) in %.1f s",
+            " and draft extend" if model_runner.is_draft_worker else "",
             self.max_bs, _compiled_graphs() - graphs_before, time.perf_counter() - tic,
         )
 
@@ -301,7 +310,7 @@ class TurboCpuGraphRunner:
             torch.set_num_threads(threads)
 
     def _compiled_body(self, forward_batch: ForwardBatch):
-        args = (forward_batch.input_ids, forward_batch.positions, forward_batch)
+        args = self._graph_inputs(forward_batch)
         if not self._warm:
             return self._body(*args)
         try:
@@ -313,41 +322,72 @@ class TurboCpuGraphRunner:
             logger.warning("CPU graph: compiling for an unforeseen decode batch (batch size %d)", forward_batch.batch_size)
             return self._body(*args)
 
-    def _warmup_batch(self, bs: int) -> ForwardBatch:
-        """A decode batch of ``bs`` one-token requests on the reserved request row 0 and KV slot 0."""
-        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+    def _warm_up_draft_extend(self, tokens_per_req: int) -> None:
+        """Compiles a draft's extend (each request's verified tokens, ``tokens_per_req`` of them) at
+        start-up, on every thread count and with a dynamic token count, as decode is compiled."""
+        from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
-        zeros = torch.zeros(bs, dtype=torch.int64)
-        ones = torch.ones(bs, dtype=torch.int64)
+        for bs in WARMUP_BATCH_SIZES:
+            if bs <= self.max_bs:
+                forward_batch = self._warmup_batch(bs, tokens_per_req)
+                self.backend.init_forward_metadata(forward_batch)
+                with forward_context(ForwardContext(attn_backend=self.backend), forward_batch=forward_batch):
+                    self._run_body(forward_batch)
+
+    def _warmup_batch(self, bs: int, tokens_per_req: int = 1) -> ForwardBatch:
+        """A batch of ``bs`` requests on the reserved request row 0 and KV slot 0: a decode batch of one
+        token each, or with ``tokens_per_req`` > 1 a draft extend (DRAFT_EXTEND_V2) of that many."""
+        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+        from sglang.srt.speculative.eagle_info import EagleDraftInput
+
+        from .models.turbo_llama_eagle3 import TurboEagle3Model
+
+        extend = tokens_per_req > 1
+        mode = ForwardMode.DRAFT_EXTEND_V2 if extend else ForwardMode.DECODE
+        n_tokens = bs * tokens_per_req
+        zeros = torch.zeros(n_tokens, dtype=torch.int64)
+        lens = torch.full((bs,), tokens_per_req, dtype=torch.int64)
         forward_batch = ForwardBatch(
-            forward_mode=ForwardMode.DECODE,
+            forward_mode=mode,
             batch_size=bs,
             input_ids=zeros.clone(),
-            req_pool_indices=zeros.clone(),
-            seq_lens=ones.clone(),
-            seq_lens_cpu=ones.clone(),
+            req_pool_indices=torch.zeros(bs, dtype=torch.int64),
+            seq_lens=lens.clone(),
+            seq_lens_cpu=lens.clone(),
             out_cache_loc=zeros.clone(),
-            seq_lens_sum=bs,
+            seq_lens_sum=n_tokens,
             return_logprob=False,
-            positions=zeros.clone(),
+            positions=torch.arange(tokens_per_req).repeat(bs) if extend else zeros.clone(),
             spec_algorithm=self.model_runner.spec_algorithm,
             capture_hidden_mode=CaptureHiddenMode.NULL,
-            global_forward_mode=ForwardMode.DECODE,
+            global_forward_mode=mode,
         )
+        if extend:
+            forward_batch.extend_seq_lens, forward_batch.extend_seq_lens_cpu = lens.clone(), lens.tolist()
+            forward_batch.extend_prefix_lens = torch.zeros(bs, dtype=torch.int64)
+            forward_batch.extend_start_loc = torch.arange(0, n_tokens, tokens_per_req)
+        model = self.model_runner.model
+        if isinstance(model.model, TurboEagle3Model):
+            # A head's draft step reads its own previous hidden state, its extend the target's features.
+            width = model.model.fc.in_features if extend else model.config.hidden_size
+            hidden = torch.zeros(n_tokens, width, dtype=model.lm_head.weight.dtype)
+            forward_batch.spec_info = EagleDraftInput(hidden_states=hidden, capture_hidden_mode=CaptureHiddenMode.NULL)
         self.model_runner.kv_index_translator.bind_runner_slots(forward_batch)
         return forward_batch
 
 
 def compile_draft_decode(model_runner: ModelRunner) -> None:
-    """CPU graphs for a STANDALONE draft model's decode steps (``model_runner``: the draft's), once,
-    when the server runs CPU graphs and the draft is served by the traceable Llama class."""
+    """CPU graphs for a draft's decode steps and extend (``model_runner``: the draft's), once, when the
+    server runs CPU graphs and the draft is served by a traceable class: a STANDALONE Llama draft
+    (``TurboLlamaForCausalLM``) or an EAGLE3 / TURBO head (``TurboLlamaForCausalLMEagle3``)."""
     from sglang.srt.runtime_context import get_flags
 
-    from .models.turbo_llama import TurboLlamaForCausalLM
+    from .models.turbo_llama import CompiledBody
 
     model = model_runner.model
     # The draft runner's own server args have compile off; the server's flag is the global one.
     if (str(model_runner.device) != "cpu" or not get_flags().capture.enable_torch_compile
-            or not isinstance(model, TurboLlamaForCausalLM) or model.compiled_body is not None):
+            or not isinstance(model, CompiledBody) or model.compiled_body is not None
+            or getattr(model.model, "is_mrope_enabled", False)):
         return
     TurboCpuGraphRunner(model_runner)

@@ -24,6 +24,7 @@ from sglang_turbo.graph_runner import (
     ONE_THREAD_MAX_BS,
     check_cpu_graph_args,
     cpu_graphs_by_default,
+    route_draft_head,
     route_to_compiled_model,
 )
 from turbo.attention import paged
@@ -159,6 +160,20 @@ def test_a_hybrid_checkpoint_compiles_as_its_own_class():
     route_to_compiled_model(args)
     assert args.json_model_override_args == "{}"
     check_cpu_graph_args(args, portable=True)
+
+
+@pytest.mark.parametrize("draft,is_draft,served", [
+    ("turbo-tiny-eagle3", True, "TurboLlamaForCausalLMEagle3"),  # an EAGLE3 head: its compiled class
+    ("turbo-tiny-draft", True, "TurboLlamaForCausalLM"),  # a Llama draft: the target's override is right
+    ("turbo-tiny-eagle3", False, "TurboLlamaForCausalLM"),  # only a draft's config is corrected
+])
+def test_a_draft_under_the_targets_override_is_served_by_its_own_compiled_class(draft, is_draft, served):
+    """Upstream applies --json-model-override-args to the draft's config too (the TurboLlamaForCausalLM
+    route_to_compiled_model put there for the target)."""
+    config = SimpleNamespace(hf_config=SimpleNamespace(architectures=["TurboLlamaForCausalLM"]),
+                             is_draft_model=is_draft, model_path=str(zoo_path(draft)))
+    route_draft_head(config)
+    assert config.hf_config.architectures == [served]
 
 
 def test_routing_keeps_the_users_overrides_and_needs_the_flag():

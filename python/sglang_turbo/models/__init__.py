@@ -27,10 +27,10 @@ def register_models() -> None:
 
 
 def _before_get_model_architecture(model_config, *args, **kwargs):
-    from ..graph_runner import restore_draft_head_architecture
+    from ..graph_runner import route_draft_head
 
     register_models()
-    restore_draft_head_architecture(model_config)  # an EAGLE3 head under the CPU graphs' class override
+    route_draft_head(model_config)  # an EAGLE3 head under the CPU graphs' class override
     return None  # the same arguments, model_config possibly corrected in place
 
 

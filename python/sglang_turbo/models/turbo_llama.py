@@ -54,6 +54,10 @@ class TurboLlamaModel(nn.Module):
         """The layer's token mixer on its normed input: attention here."""
         return layer.self_attn(positions=positions, hidden_states=h, forward_batch=forward_batch)
 
+    def graph_inputs(self, forward_batch) -> tuple:
+        """What the CPU graph runner passes to ``forward`` (its compiled body) for ``forward_batch``."""
+        return forward_batch.input_ids, forward_batch.positions, forward_batch
+
     def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None):
         """The normed hidden states; with ``layers_to_capture`` set (an EAGLE3 target), also the
         residual stream entering each of those layers, as upstream's Llama captures it."""
@@ -67,18 +71,18 @@ class TurboLlamaModel(nn.Module):
         return (self.norm(x), aux) if aux else self.norm(x)
 
 
-class TurboLlamaForCausalLM(LlamaForCausalLM):
-    """Served like ``LlamaForCausalLM``; only the residual stream is written differently."""
+class CompiledBody:
+    """Mixin for a causal LM whose body the CPU graph runner (graph_runner.py) compiles.
 
-    # Set by graph_runner.py for forwards that SGLang runs through its eager path, not through the CPU
-    # graph runner: a speculative target's verify batches, a STANDALONE draft's decode steps.
-    # upstream's set_eagle3_layers_to_capture (an EAGLE3 target) works unchanged: it sets
-    # capture_aux_hidden_states and model.layers_to_capture, which TurboLlamaModel reads.
-    compiled_body = None  # forward_batch -> the body's hidden states, run by the compiled graphs
+    Forwards that SGLang runs through its eager path rather than through the runner (a speculative
+    target's verify batches, a draft's decode steps and extend) take the compiled body when their
+    mode is one it serves; the logits processor stays eager either way.
+    """
+
+    # Set by graph_runner.py. upstream's set_eagle3_layers_to_capture (an EAGLE3 target) works
+    # unchanged: it sets capture_aux_hidden_states and model.layers_to_capture, which the body reads.
+    compiled_body = None  # forward_batch -> the body's output, run by the compiled graphs
     compiled_modes: tuple = ()  # the ForwardModes it serves
-
-    def _init_model(self, config, quant_config=None, prefix: str = ""):
-        return TurboLlamaModel(config, quant_config=quant_config, prefix=prefix)
 
     def forward(self, input_ids, positions, forward_batch, input_embeds=None, get_embedding=False,
                 pp_proxy_tensors=None):
@@ -87,9 +91,17 @@ class TurboLlamaForCausalLM(LlamaForCausalLM):
         return super().forward(input_ids, positions, forward_batch, input_embeds, get_embedding, pp_proxy_tensors)
 
     def logits_from_body(self, input_ids, body_output, forward_batch):
-        """The logits processor's output for what ``TurboLlamaModel.forward`` returned."""
+        """The logits processor's output for what the body returned: the normed hidden states, and
+        with ``capture_aux_hidden_states`` the captured ones."""
         hidden, aux = body_output if self.capture_aux_hidden_states else (body_output, None)
         return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch, aux)
+
+
+class TurboLlamaForCausalLM(CompiledBody, LlamaForCausalLM):
+    """Served like ``LlamaForCausalLM``; only the residual stream is written differently."""
+
+    def _init_model(self, config, quant_config=None, prefix: str = ""):
+        return TurboLlamaModel(config, quant_config=quant_config, prefix=prefix)
 
     def forward_split_prefill(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} has no split prefill")
