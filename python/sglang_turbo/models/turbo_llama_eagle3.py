@@ -2,7 +2,8 @@
 
 An EAGLE3 head's forward is one decoder layer, but served eagerly it pays SGLang's per-forward Python
 at every draft step: on 2 cores its steps and draft extend took more of a round than the compiled
-target's verify (py-spy, EAGLE3 chain, batch 1, 2026-12-07). Upstream's ``LlamaModel.forward``
+target's verify (py-spy, EAGLE3 chain, batch 1, 2026-12-07); compiled, what is left of a step is
+mostly its arithmetic, whose weight bytes bound it (docs/speculative.md, Speed). Upstream's ``LlamaModel.forward``
 (models/llama_eagle3.py) reads the target's features from ``forward_batch.spec_info`` and branches on
 multimodal inputs inside it; here the features are an argument, read outside the compiled region, and
 the body is only the arithmetic: features projected by ``fc`` when they are the target's (3 x hidden
