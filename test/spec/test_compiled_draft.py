@@ -10,25 +10,14 @@ server and to one with ``--disable-cuda-graph`` (all eager), and both must need 
 from __future__ import annotations
 
 import pytest
+from test_spec_server import PROMPTS as SPEC_PROMPTS  # the served prompts and configurations: one home
+from test_spec_server import SPEC_CONFIGS
 
 pytestmark = pytest.mark.slow
 
 N_NEW = 48
-PROMPTS = [
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
-    "import os\nimport sys\nfrom pathlib import Path\n\n\ndef main(argv):\n",
-    "id,name,city\n1,Alice,Paris\n2,Bob,Berlin\n3,",
-]
-
-CONFIGS = {
-    "eagle3-chain": ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "turbo-tiny-eagle3",
-                     "--speculative-num-steps", "4", "--speculative-eagle-topk", "1",
-                     "--speculative-num-draft-tokens", "5"],
-    "standalone-chain": ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", "turbo-tiny-draft",
-                         "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
-                         "--speculative-num-draft-tokens", "4"],
-}
+PROMPTS = [SPEC_PROMPTS[name] for name in ("fibonacci", "class", "imports", "records")]
+CONFIGS = {name: SPEC_CONFIGS[name] for name in ("eagle3-chain", "standalone-chain")}
 
 
 def _serve(factory, flags, post_generate, tokenizer) -> tuple[list[dict], str]:
