@@ -3,7 +3,7 @@
     python benchmark/bench_parallel_attention.py                       # 2k, 4k, 16k tokens; ~10 min
     python benchmark/bench_parallel_attention.py --lengths 4096 --trials 2
 
-CPU graphs run decode batches of up to 4 requests on one thread (graph_runner.ONE_THREAD_MAX_BS); a request
+CPU graphs run decode batches of up to 4 requests on one thread (sglang_turbo.threads.ONE_THREAD_MAX_BS); a request
 over SGLANG_TURBO_PARALLEL_ATTENTION_KEYS keys runs the step's attention on every thread. Four servers run side by
 side: turbo-tiny and turbo-tiny-hybrid, each with the threshold off ("one": attention stays on the step's
 thread) and at ``--parallel-keys`` ("wide"). For each length, ``--trials`` random-token prompts at batch 1 (the

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .attention import BACKEND_NAME as ATTENTION_BACKEND
+from .threads import ONE_THREAD_MAX_BS, threads_for_decode
 
 if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
@@ -162,12 +163,6 @@ def cpp_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "")) or shutil.which("g++") or shutil.which("c++")
 
 
-# Decode batches up to this size run on one thread. A batch-1 step is ~50 tiny kernels; on 2 cores
-# shared with the tokenizer and detokenizer processes, a second OpenMP thread mostly waits for a
-# descheduled partner (batch-1 SDPA: 40 us on 1 thread, ~350 us on 2 inside the server, 2026-12-02).
-# Larger batches have enough work per kernel to gain from both cores.
-ONE_THREAD_MAX_BS = 4
-
 # Warm-up sizes: 1 (dynamo specialises size 1), then more so the batch dimension is compiled as
 # dynamic (automatic dynamic shapes mark a dimension once it changes), on each thread count a step
 # can run with (the thread count is part of dynamo's guards: another one is another graph). That is
@@ -287,27 +282,19 @@ class TurboCpuGraphRunner:
         backend = self.backend
         backend.init_forward_metadata(forward_batch)
         model = self.model_runner.model
-        threads = torch.get_num_threads()
-        if forward_batch.batch_size <= ONE_THREAD_MAX_BS:
-            torch.set_num_threads(1)
-        try:
+        # While serving, the run_batch hook (threads.py) has already set the step's threads; the warm-up
+        # sets them here, so that each thread count a step can run with gets its graph.
+        with threads_for_decode(forward_batch.batch_size):
             with forward_context(ForwardContext(attn_backend=backend), forward_batch=forward_batch):
                 # Once every graph exists, dynamo checks only what tells them apart (batch 1 or not):
                 # the full guard set cost ~0.6 ms a step, and nothing else here varies between steps.
                 return model.logits_from_body(forward_batch.input_ids, self._compiled_body(forward_batch), forward_batch)
-        finally:
-            torch.set_num_threads(threads)
 
     def _run_body(self, forward_batch: ForwardBatch):
         """The body's output (hidden states, and an EAGLE3 target's aux list) for a batch whose
         attention layout SGLang's eager path has set."""
-        threads = torch.get_num_threads()
-        if forward_batch.batch_size <= ONE_THREAD_MAX_BS:
-            torch.set_num_threads(1)
-        try:
+        with threads_for_decode(forward_batch.batch_size):
             return self._compiled_body(forward_batch)
-        finally:
-            torch.set_num_threads(threads)
 
     def _compiled_body(self, forward_batch: ForwardBatch):
         args = self._graph_inputs(forward_batch)

@@ -20,7 +20,7 @@ def portable_platform_active() -> bool:
 
 @functools.cache  # SGLang calls this in every process; a second call is a no-op
 def register() -> None:
-    from . import attention, distributed, models, speculative, validation
+    from . import attention, distributed, models, speculative, threads, validation
     from .models import mamba_ops
 
     attention.register()  # --attention-backend turbo_native
@@ -31,3 +31,4 @@ def register() -> None:
     if portable_platform_active():
         speculative.register()  # draft backends and torch kernels for the speculative workers
         mamba_ops.register()  # torch Mamba2 ops for the hybrid's mixers
+        threads.register()  # small decode steps on one thread

@@ -21,12 +21,12 @@ import pytest
 from greedy import GREEDY, PROMPTS, first_difference, server_greedy, transformers_greedy
 
 from sglang_turbo.graph_runner import (
-    ONE_THREAD_MAX_BS,
     check_cpu_graph_args,
     cpu_graphs_by_default,
     route_draft_head,
     route_to_compiled_model,
 )
+from sglang_turbo.threads import ONE_THREAD_MAX_BS
 from turbo.attention import paged
 from turbo.zoo.presets import zoo_path
 

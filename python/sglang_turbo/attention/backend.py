@@ -208,7 +208,7 @@ def _(q, k, v, layer_id, out_width, save_kv_cache):
 
 def attention_threads(wide: bool, step_threads: int, process_threads: int) -> int:
     """Threads for one layer's attention. The CPU graph runner runs small decode batches on one thread
-    (graph_runner.ONE_THREAD_MAX_BS: their ~50 tiny kernels a step lose more to a descheduled second thread
+    (threads.ONE_THREAD_MAX_BS: their ~50 tiny kernels a step lose more to a descheduled second thread
     than they gain), but attention over thousands of keys is one kernel with enough work for every core:
     the decode kernel at batch 1 over 16k keys took 2.36 ms on one thread and 0.78 ms on two (2026-12-04,
     alone on this 2-core machine). The kernel splits work by (request, KV head), so its output does not
