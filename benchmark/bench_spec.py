@@ -10,10 +10,12 @@ Workload (seeded, in-domain, held out: never seen by turbo-tiny, its draft or it
 training), one per domain: "code", 96-token windows of held-out standard-library files, and
 "records", 96-token windows of generated records (JSON lines, CSV, configs, arithmetic, chat)
 of the held-out seed, each starting at a line; each asks for 128 new tokens, greedy, EOS ignored. For each system one server is
-started (upstream's speculative flags, unchanged), the radix cache is flushed before each
-run, and requests run with ``batch`` in flight at a time.
+started (upstream's speculative flags, unchanged) beside a server without speculation that stays up;
+the two take turns for ``--rounds`` rounds (this host's speed drifts by 20% within minutes), the
+radix cache is flushed before each run, and requests run with ``batch`` in flight at a time.
 Figures per system, domain and batch: output tokens/s, mean accept length (completion tokens /
-verify rounds, from ``meta_info``), and the tokens/s ratio to no speculation, printed last.
+verify rounds, from ``meta_info``), and the tokens/s ratio to the runs of no speculation taken
+beside it (pooled, and per round), printed last.
 Writes benchmark/results/spec/bench_spec.json and .png.
 """
 
@@ -121,6 +123,14 @@ def run(base_url: str, prompts: list[list[int]], n_new: int, batch: int) -> dict
     }
 
 
+def pooled(samples: list[dict]) -> dict:
+    """One figure for several runs of the same requests: tokens over wall time, mean accept length."""
+    accept = [s["mean_accept_length"] for s in samples]
+    tokens, wall = sum(s["output_tokens"] for s in samples), sum(s["wall_s"] for s in samples)
+    return {"output_tok_s": tokens / wall, "wall_s": wall, "output_tokens": tokens,
+            "mean_accept_length": statistics.mean(accept) if all(accept) else None}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -164,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-tokens", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each system, alternating with runs of none")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_spec.json")
     args = parser.parse_args(argv)
 
@@ -181,17 +192,46 @@ def main(argv: list[str] | None = None) -> dict:
     target = zoo_path("turbo-tiny")
     tok = AutoTokenizer.from_pretrained(target)
     prompts = {d: make_prompts(tok, d, args.num_prompts, args.prompt_tokens, args.seed) for d in domains}
-    runs: dict[str, dict] = {}  # system -> "domain/batch" -> figures
-    for name in systems:
-        proc, url = launch_turbo_server(target, SYSTEMS[name])
-        try:
-            run(url, prompts[domains[0]][:2], 16, 2)  # warm-up
-            runs[name] = {f"{d}/{b}": run(url, prompts[d], args.new_tokens, b) for d in domains for b in batches}
-        finally:
-            kill_server(proc)
-        print(f"{name:>13}: " + "  ".join(
-            f"{key}: {r['output_tok_s']:6.1f} tok/s, accept {r['mean_accept_length'] or 1:.2f}"
-            for key, r in runs[name].items()), flush=True)
+    keys = [f"{d}/{b}" for d in domains for b in batches]
+
+    def measure(url: str) -> dict:
+        return {f"{d}/{b}": run(url, prompts[d], args.new_tokens, b) for d in domains for b in batches}
+
+    # samples[system][key]: one run per round. "none" stays up on a server of its own and each other
+    # system's rounds alternate with runs of it, so every ratio compares runs seconds apart: this host
+    # drifts by 20% within minutes, and systems measured minutes apart compare the machine.
+    samples: dict[str, dict[str, list]] = {name: {k: [] for k in keys} for name in systems}
+    paired_none: dict[str, dict[str, list]] = {}  # system -> key -> the none runs beside its own
+    baseline = launch_turbo_server(target, SYSTEMS["none"]) if "none" in systems else None
+    try:
+        if baseline:
+            run(baseline[1], prompts[domains[0]][:2], 16, 2)  # warm-up
+        for name in [s for s in systems if s != "none"] or ["none"]:
+            proc, url = baseline if name == "none" else launch_turbo_server(target, SYSTEMS[name])
+            try:
+                run(url, prompts[domains[0]][:2], 16, 2)  # warm-up
+                paired_none[name] = {k: [] for k in keys}
+                turns = [(name, url)] + ([("none", baseline[1])] if baseline and name != "none" else [])
+                for r in range(args.rounds):
+                    for who, where in turns if r % 2 == 0 else turns[::-1]:
+                        for key, figures in measure(where).items():
+                            samples[who][key].append(figures)
+                            if who != name:
+                                paired_none[name][key].append(figures)
+            finally:
+                if name != "none":  # none's server is the baseline, stopped last
+                    kill_server(proc)
+            print(f"{name:>13}: " + "  ".join(
+                f"{key}: {pooled(samples[name][key])['output_tok_s']:6.1f} tok/s, "
+                f"accept {pooled(samples[name][key])['mean_accept_length'] or 1:.2f}" for key in keys), flush=True)
+    finally:
+        if baseline:
+            kill_server(baseline[0])
+    runs = {name: {key: pooled(samples[name][key]) for key in keys} for name in systems}
+    # each system against the runs of none interleaved with its own
+    ratios = {name: {key: pooled(samples[name][key])["output_tok_s"] / pooled(paired_none[name][key])["output_tok_s"]
+                     for key in keys}
+              for name in systems if name != "none" and "none" in systems}
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     result = {
@@ -206,20 +246,21 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "seed": args.seed,
-        "runs": runs,
+        "rounds": args.rounds,
+        "runs": runs,  # pooled over rounds; "none" over every run of it
+        "ratios": ratios,
+        "samples": samples,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out.with_suffix(".png"))
 
-    if "none" in runs:
-        for key in runs["none"]:
-            base = runs["none"][key]["output_tok_s"]
-            for name in systems:
-                if name != "none":
-                    r = runs[name][key]
-                    print(f"{key:>10}  {name:>13}/none: tok/s {r['output_tok_s'] / base:.2f}x"
-                          f"  (accept length {r['mean_accept_length']:.2f})")
+    for key in keys:
+        for name, by_key in ratios.items():
+            per_round = " ".join(f"{a['output_tok_s'] / b['output_tok_s']:.2f}"
+                                 for a, b in zip(samples[name][key], paired_none[name][key]))
+            print(f"{key:>10}  {name:>13}/none: tok/s {by_key[key]:.2f}x  (rounds {per_round}; "
+                  f"accept length {runs[name][key]['mean_accept_length']:.2f})")
     return result
 
 
