@@ -11,6 +11,7 @@
 | ``SGLANG_TURBO_LEARNING`` | TURBO: ``off`` serves without training | on |
 | ``SGLANG_TURBO_CONTROLLER`` | TURBO: ``auto``, ``static`` or ``adaptive`` | auto |
 | ``SGLANG_TURBO_PARALLEL_ATTENTION_KEYS`` | a decode step with a request over at least this many keys runs its attention on every thread, also when the CPU graph runs the step on one | 4096 |
+| ``SGLANG_TURBO_FROZEN_WEIGHTS`` | ``off``: CPU graphs read the weights as inputs instead of holding packed copies, so online weight updates (``/update_weights_from_disk`` ...) work, at the speed of unpacked GEMMs | on |
 | ``SGLANG_TURBO_DISABLE_KERNELS`` | ``1`` runs the torch references instead of sgl-kernel's CPU kernels (read in ``turbo/kernels.py``) | 0 |
 | ``SGLANG_TURBO_ALLREDUCE_DELAY_US`` | simulated interconnect: every tensor-parallel all-reduce takes at least this long | 0 |
 | ``SGLANG_TURBO_LADDER_TRACE`` | tests: ladder models write one forward's compute/all-reduce event order to ``PATH.rankN.json`` | none |
@@ -23,8 +24,16 @@ from __future__ import annotations
 import os
 
 
+def _on(name: str, default: str = "on") -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("off", "0", "false", "no")
+
+
 def platform_enabled() -> bool:
-    return os.environ.get("SGLANG_TURBO_PLATFORM", "on").strip().lower() not in ("off", "0", "false", "no")
+    return _on("SGLANG_TURBO_PLATFORM")
+
+
+def frozen_weights() -> bool:
+    return _on("SGLANG_TURBO_FROZEN_WEIGHTS")
 
 
 def upstream_cpu_engine_requested() -> bool:

@@ -176,6 +176,27 @@ WARMUP_BATCH_SIZES = (1, 2, 3, ONE_THREAD_MAX_BS + 1, ONE_THREAD_MAX_BS + 2)
 # The shapes are fixed by the model and checked once by the warm-up; the op's fake says what it returns.
 INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
+# Inductor's freezing folds the weights into the graph as constants and packs the linear layers' for
+# its GEMMs. Unpacked, MKL re-packs a weight on every call with more than one row (its sgemm copy
+# routine was 23% of a 5-token verify forward, py-spy 2026-12-07): a (3, 256) @ (256, 4096) took 307 us
+# against 109 for one row. Frozen, verify went from 7.9 to 6.3 ms and batch-1 decode from 4.7 to 4.2
+# (TIMING of one server each, same run). Frozen constants are copies: an online weight update would
+# not reach them, so the model refuses one (upstream's ``_derived_weight_cache_error``), and a head
+# whose weights are swapped while serving (TURBO's draft) is never frozen.
+FROZEN_WEIGHTS_ERROR = (
+    "Online weight updates are not supported under CPU graphs with frozen weights: the compiled forward "
+    "holds packed copies of the weights. Restart with SGLANG_TURBO_FROZEN_WEIGHTS=off (CPU graphs that "
+    "read the weights as inputs) or --disable-cuda-graph."
+)
+
+
+def freezes_weights(model_runner: ModelRunner) -> bool:
+    """Whether this runner's graphs hold the model's weights as packed constants."""
+    from . import env
+
+    swapped_while_serving = model_runner.is_draft_worker and model_runner.spec_algorithm.name == "TURBO"
+    return env.frozen_weights() and not swapped_while_serving
+
 
 def _own_frame(fn):
     """``fn`` called from a function with a code object of its own. Dynamo keeps its graphs per code
@@ -246,6 +267,9 @@ class TurboCpuGraphRunner:
         self._eager_body = torch.no_grad()(getattr(model.model, "graph_body", model.model.forward))
         self._body = self._eager_body
         self._warm = False  # guards are evaluated until every graph has been compiled
+        self.frozen = freezes_weights(model_runner)
+        if self.frozen:
+            model._derived_weight_cache_error = FROZEN_WEIGHTS_ERROR  # read by upstream's weight updater
         self._run(self._warmup_batch(1))  # eager: the attention backend learns its layers
         self._body = torch.compile(_own_frame(self._eager_body), dynamic=None, options=INDUCTOR_OPTIONS)
         tic, graphs_before = time.perf_counter(), _compiled_graphs()
@@ -263,9 +287,10 @@ class TurboCpuGraphRunner:
             model.compiled_body, model.compiled_modes = self._run_body, (ForwardMode.TARGET_VERIFY,)
             logger.info("CPU graph: %s target verify runs the compiled forward", algorithm.name)
         logger.info(
-            "CPU graph: decode forward%s compiled for batch sizes 1..%d (%d graphs) in %.1f s",
+            "CPU graph: decode forward%s compiled for batch sizes 1..%d (%d graphs, weights %s) in %.1f s",
             " and draft extend" if model_runner.is_draft_worker else "",
-            self.max_bs, _compiled_graphs() - graphs_before, time.perf_counter() - tic,
+            self.max_bs, _compiled_graphs() - graphs_before,
+            "frozen" if self.frozen else "read as inputs", time.perf_counter() - tic,
         )
 
     def can_run_graph(self, forward_batch: ForwardBatch) -> bool:
@@ -299,7 +324,8 @@ class TurboCpuGraphRunner:
     def _compiled_body(self, forward_batch: ForwardBatch):
         args = self._graph_inputs(forward_batch)
         if not self._warm:
-            return self._body(*args)
+            with self._compile_config():
+                return self._body(*args)
         try:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 return self._body(*args)
@@ -307,7 +333,15 @@ class TurboCpuGraphRunner:
             if "Recompilation triggered" not in str(e):
                 raise
             logger.warning("CPU graph: compiling for an unforeseen decode batch (batch size %d)", forward_batch.batch_size)
-            return self._body(*args)
+            with self._compile_config():
+                return self._body(*args)
+
+    def _compile_config(self):
+        """Inductor's settings for a call that may compile. Freezing is a global setting inductor reads
+        when it compiles (``options=`` does not reach it), so it is set around those calls only."""
+        import torch._inductor.config
+
+        return torch._inductor.config.patch(freezing=self.frozen)
 
     def _warm_up_draft_extend(self, tokens_per_req: int) -> None:
         """Compiles a draft's extend (each request's verified tokens, ``tokens_per_req`` of them) at

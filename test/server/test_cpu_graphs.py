@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import requests
 from greedy import GREEDY, PROMPTS, first_difference, server_greedy, transformers_greedy
 
 from sglang_turbo.graph_runner import (
@@ -50,7 +51,7 @@ def _log(handle) -> str:
 def test_server_compiles_decode_at_start_up(compiled_server):
     log = _log(compiled_server)
     # One graph for batch 1, one dynamic-batch graph per thread count: WARMUP_BATCH_SIZES, no more.
-    assert f"CPU graph: decode forward compiled for batch sizes 1..{MAX_BS} (3 graphs)" in log, log[-3000:]
+    assert f"CPU graph: decode forward compiled for batch sizes 1..{MAX_BS} (3 graphs, weights frozen)" in log, log[-3000:]
     assert "TurboLlamaForCausalLM" in log, "a LlamaForCausalLM checkpoint is served by the traceable class"
 
 
@@ -105,6 +106,19 @@ def test_a_long_context_runs_attention_on_every_thread_with_the_same_tokens(comp
 
 
 # ----------------------------------------------------------------------------- launch-time routing and refusals
+
+
+def test_an_online_weight_update_is_refused_and_the_server_keeps_its_weights(compiled_server, post_generate,
+                                                                            prompt_ids, hf_greedy, model_path):
+    """The frozen graphs hold copies of the weights that an update would not reach: the update is refused
+    with the way out, before any weight is written, and the server answers as before."""
+    r = requests.post(f"{compiled_server.base_url}/update_weights_from_disk", json={"model_path": str(model_path)},
+                      timeout=60)
+    body = r.json()
+    assert not body.get("success"), body
+    assert "SGLANG_TURBO_FROZEN_WEIGHTS=off" in body.get("message", ""), body
+    name = next(iter(PROMPTS))
+    assert server_greedy(post_generate, compiled_server.base_url, prompt_ids[name]) == hf_greedy[name]
 
 
 def _args(**overrides):
