@@ -156,7 +156,7 @@ def test_decode_runs_compiled_with_radix_cache_and_eagerly_without(servers):
         _generate(servers[name], [5, 6, 7], n_new=100)
     logs = {name: open(log, errors="replace").read() for name, log in servers.logs.items()}
     # 3 graphs, as for a Llama (graph_runner.WARMUP_BATCH_SIZES): more would mean the mixer broke the graph.
-    assert "graphs) in" in logs["radix"] and "(3 graphs, weights frozen)" in logs["radix"], logs["radix"][-3000:]
+    assert "(3 graphs, weights frozen) in" in logs["radix"], logs["radix"][-3000:]
     assert "cpu graph: True" in logs["radix"], logs["radix"][-3000:]
     assert "cpu graph: True" not in logs["no-radix"] and "cpu graph: False" in logs["no-radix"], \
         logs["no-radix"][-3000:]
