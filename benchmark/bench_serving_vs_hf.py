@@ -3,15 +3,19 @@
     python benchmark/bench_serving_vs_hf.py                # turbo-tiny, 32 requests, concurrency 1 and 16
     python benchmark/bench_serving_vs_hf.py --num-prompts 64 --concurrency 1,4,16
     python benchmark/bench_serving_vs_hf.py --systems compiled   # only the --enable-torch-compile server
+    python benchmark/bench_serving_vs_hf.py --systems compiled,compiled-overlap   # upstream's overlap scheduler beside
 
 Systems: ``compiled`` (sglang-turbo's CPU default for a Llama checkpoint: CPU graphs,
 ``--enable-torch-compile``, see docs/serving.md), ``eager`` (the same with
-``--disable-cuda-graph``: decode runs layer by layer in Python) and ``transformers``.
+``--disable-cuda-graph``: decode runs layer by layer in Python), ``compiled-overlap``
+(``compiled`` with upstream's overlap scheduler, which the CPU platform turns off) and
+``transformers``.
 Every server starts first and idles (it sleeps, see docs/serving.md) while another
 system runs; then, for each of ``--rounds`` rounds and each concurrency, every
-system runs the workload in turn. Interleaving matters on a shared 2-core machine,
-whose speed drifts by 20% over minutes: systems measured minutes apart would
-compare the machine, not the systems. Figures sum each system's rounds.
+system runs the workload in turn, in reverse order every other round. Interleaving
+matters on a shared 2-core machine, whose speed drifts by 20% over minutes: systems
+measured minutes apart would compare the machine, not the systems. Figures sum each
+system's rounds.
 
 Workload (seeded): prompt lengths uniform in [32, 512] tokens, output lengths
 uniform in [16, 256] tokens, EOS ignored, greedy. For each concurrency C:
@@ -141,7 +145,13 @@ def _summarise(samples: list[tuple[float, int]], wall_s: float) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-SERVER_SYSTEMS = {"eager": ["--disable-cuda-graph"], "compiled": ["--enable-torch-compile"]}
+# name -> (launch flags, environment)
+SERVER_SYSTEMS = {
+    "eager": (["--disable-cuda-graph"], {}),
+    "compiled": (["--enable-torch-compile"], {}),
+    # upstream's overlap scheduler, which the CPU platform turns off by default (cpu_defaults.py)
+    "compiled-overlap": (["--enable-torch-compile"], {"SGLANG_TURBO_OVERLAP_SCHEDULE": "on"}),
+}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -201,17 +211,22 @@ def main(argv: list[str] | None = None) -> dict:
     servers: dict[str, tuple] = {}
     try:
         for system in systems:
-            servers[f"sglang-turbo {system}"] = launch_turbo_server(
-                model_path, SERVER_SYSTEMS[system] + args.server_args.split()
-            )
+            flags, env = SERVER_SYSTEMS[system]
+            servers[f"sglang-turbo {system}"] = launch_turbo_server(model_path, flags + args.server_args.split(), env=env)
         run_hf(hf, warmup, 2, pad_id)
         for _, url in servers.values():
             run_server(url, warmup, 2)
-        for _ in range(args.rounds):
+        order = ["transformers", *servers]
+        for r in range(args.rounds):
             for c in concurrency:
-                rounds["transformers"][str(c)].append(run_hf(hf, workload, c, pad_id))
-                for name, (_, url) in servers.items():
-                    rounds[name][str(c)].append(run_server(url, workload, c))
+                # Every other round in reverse: a system that always ran right after another would
+                # inherit its after-effects (measured: two servers 11% apart in a fixed order were 3% apart,
+                # the other way, alternating).
+                for name in order if r % 2 == 0 else order[::-1]:
+                    if name == "transformers":
+                        rounds[name][str(c)].append(run_hf(hf, workload, c, pad_id))
+                    else:
+                        rounds[name][str(c)].append(run_server(servers[name][1], workload, c))
     finally:
         for proc, _ in servers.values():
             kill_server(proc)
@@ -228,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_prompts": args.num_prompts,
         "concurrency": concurrency,
         "server_args": args.server_args,
+        "systems": {s: {"flags": SERVER_SYSTEMS[s][0], "env": SERVER_SYSTEMS[s][1]} for s in systems},
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,12 @@
 | ``SGLANG_TURBO_REPLAY_TOKENS`` | TURBO: replay buffer size in positions | 65536 |
 | ``SGLANG_TURBO_UPDATE_INTERVAL`` | TURBO: new replay positions between published versions | 1024 |
 | ``SGLANG_TURBO_LEARNING`` | TURBO: ``off`` serves without training | on |
-| ``SGLANG_TURBO_CONTROLLER`` | TURBO: ``auto``, ``static`` or ``adaptive`` | auto |
+| ``SGLANG_TURBO_CONTROLLER`` | TURBO: ``auto``, ``static``, ``adaptive`` or ``plain`` | auto |
+| ``SGLANG_TURBO_LEARNER_PROCESS`` | TURBO: ``on`` trains in a child process, ``off`` in a thread of the scheduler's process | on for a CPU server, off on accelerators |
+| ``SGLANG_TURBO_PLAIN_ROUNDS`` | TURBO: ``off`` runs lookahead-0 rounds as upstream's one-token verify instead of a plain decode step | on |
 | ``SGLANG_TURBO_PARALLEL_ATTENTION_KEYS`` | a decode step with a request over at least this many keys runs its attention on every thread, also when the CPU graph runs the step on one | 4096 |
 | ``SGLANG_TURBO_FROZEN_WEIGHTS`` | ``off``: CPU graphs read the weights as inputs instead of holding packed copies, so online weight updates (``/update_weights_from_disk`` ...) work, at the speed of unpacked GEMMs | on |
+| ``SGLANG_TURBO_OVERLAP_SCHEDULE`` | ``on`` keeps upstream's overlap scheduler on the CPU platform (off by default there: a CPU runs the forward synchronously, so the overlap loop only adds its bookkeeping; cpu_defaults.py) | off |
 | ``SGLANG_TURBO_DISABLE_KERNELS`` | ``1`` runs the torch references instead of sgl-kernel's CPU kernels (read in ``turbo/kernels.py``) | 0 |
 | ``SGLANG_TURBO_ALLREDUCE_DELAY_US`` | simulated interconnect: every tensor-parallel all-reduce takes at least this long | 0 |
 | ``SGLANG_TURBO_LADDER_TRACE`` | tests: ladder models write one forward's compute/all-reduce event order to ``PATH.rankN.json`` | none |
@@ -34,6 +37,18 @@ def platform_enabled() -> bool:
 
 def frozen_weights() -> bool:
     return _on("SGLANG_TURBO_FROZEN_WEIGHTS")
+
+
+def overlap_schedule() -> bool:
+    return _on("SGLANG_TURBO_OVERLAP_SCHEDULE", "off")
+
+
+def learner_process(device: str) -> bool:
+    return _on("SGLANG_TURBO_LEARNER_PROCESS", "on" if device == "cpu" else "off")
+
+
+def plain_rounds() -> bool:
+    return _on("SGLANG_TURBO_PLAIN_ROUNDS")
 
 
 def upstream_cpu_engine_requested() -> bool:

@@ -4,6 +4,7 @@ read back from ``GET /server_info``, and that explicit flags win over them."""
 from __future__ import annotations
 
 import time
+import types
 
 import psutil
 import pytest
@@ -103,6 +104,11 @@ def test_a_server_takes_under_a_quarter_of_a_24_gb_machine(server_handle):
     assert sum(pss.values()) < 6.0, f"server tree PSS {sum(pss.values()):.2f} GiB: {pss}"
 
 
+def test_overlap_scheduler_is_off_by_default(info):
+    """On a CPU the overlap loop only adds bookkeeping to a synchronous forward (cpu_defaults.py)."""
+    assert info["disable_overlap_schedule"] is True, f"{info['disable_overlap_schedule']=}"
+
+
 def test_cpu_graphs_are_on_by_default_for_a_llama_checkpoint(info):
     """The default server compiles its decode forward (docs/serving.md, CPU graphs)."""
     assert info["enable_torch_compile"] is True, f"{info['enable_torch_compile']=}"
@@ -155,3 +161,21 @@ def test_bfloat16_pool_holds_twice_the_tokens_of_float32(model_path, monkeypatch
     monkeypatch.setenv("SGLANG_TURBO_KV_BUDGET_GB", "0.25")
     f32, bf16 = (cpu_defaults.default_pool_tokens(model_path, d) for d in ("float32", "bfloat16"))
     assert abs(bf16 - 2 * f32) <= 1, f"{f32=} {bf16=}"  # integer division rounds each down
+
+
+@pytest.mark.parametrize("value, disabled", [(None, True), ("off", True), ("on", False), ("1", False)])
+def test_overlap_scheduler_stays_upstreams_only_when_the_environment_asks(value, disabled, monkeypatch):
+    if value is None:
+        monkeypatch.delenv("SGLANG_TURBO_OVERLAP_SCHEDULE", raising=False)
+    else:
+        monkeypatch.setenv("SGLANG_TURBO_OVERLAP_SCHEDULE", value)
+    args = types.SimpleNamespace(disable_overlap_schedule=False)  # upstream's default
+    cpu_defaults.apply_overlap_default(args)
+    assert args.disable_overlap_schedule is disabled, f"{value=} {args.disable_overlap_schedule=}"
+
+
+def test_an_explicit_disable_overlap_schedule_stays_with_the_environment_set(monkeypatch):
+    monkeypatch.setenv("SGLANG_TURBO_OVERLAP_SCHEDULE", "on")
+    args = types.SimpleNamespace(disable_overlap_schedule=True)  # --disable-overlap-schedule given
+    cpu_defaults.apply_overlap_default(args)
+    assert args.disable_overlap_schedule is True
