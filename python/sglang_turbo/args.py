@@ -12,6 +12,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from turbo.spec.controller import POLICIES
 from turbo.zoo.presets import DEFAULT_MODEL, PRESETS, zoo_names, zoo_path
 
 # Flags whose value may name an embedded model instead of a path.
@@ -87,10 +88,11 @@ def add_turbo_args(parser: argparse.ArgumentParser) -> None:
         "turbo speculator", "the adaptive speculator of --speculative-algorithm TURBO (docs/adaptive_spec.md)"
     )
     spec.add_argument(
-        "--turbo-controller", choices=("auto", "static", "adaptive"), default=None,
+        "--turbo-controller", choices=POLICIES, default=None,
         help="auto (default): per round, the head with the higher recent accept length drafts, the lookahead "
         "follows acceptance, and plain decoding takes over while speculation is slower; static / adaptive: "
-        "always that head at --speculative-num-steps, never falling back.",
+        "always that head at --speculative-num-steps, never falling back; plain: never speculate (plain "
+        "decoding while the learner still trains on the traffic).",
     )
     spec.add_argument(
         "--turbo-speculator-dir", default=None, metavar="DIR",

@@ -10,7 +10,6 @@
 | ``SGLANG_TURBO_UPDATE_INTERVAL`` | TURBO: new replay positions between published versions | 1024 |
 | ``SGLANG_TURBO_LEARNING`` | TURBO: ``off`` serves without training | on |
 | ``SGLANG_TURBO_CONTROLLER`` | TURBO: ``auto``, ``static``, ``adaptive`` or ``plain`` | auto |
-| ``SGLANG_TURBO_LEARNER_PROCESS`` | TURBO: ``on`` trains in a child process, ``off`` in a thread of the scheduler's process | on for a CPU server, off on accelerators |
 | ``SGLANG_TURBO_PLAIN_ROUNDS`` | TURBO: ``off`` runs lookahead-0 rounds as upstream's one-token verify instead of a plain decode step | on |
 | ``SGLANG_TURBO_PARALLEL_ATTENTION_KEYS`` | a decode step with a request over at least this many keys runs its attention on every thread, also when the CPU graph runs the step on one | 4096 |
 | ``SGLANG_TURBO_FROZEN_WEIGHTS`` | ``off``: CPU graphs read the weights as inputs instead of holding packed copies, so online weight updates (``/update_weights_from_disk`` ...) work, at the speed of unpacked GEMMs | on |
@@ -41,10 +40,6 @@ def frozen_weights() -> bool:
 
 def overlap_schedule() -> bool:
     return _on("SGLANG_TURBO_OVERLAP_SCHEDULE", "off")
-
-
-def learner_process(device: str) -> bool:
-    return _on("SGLANG_TURBO_LEARNER_PROCESS", "on" if device == "cpu" else "off")
 
 
 def plain_rounds() -> bool:

@@ -135,6 +135,14 @@ def test_a_pinned_policy_drafts_with_that_head_at_full_lookahead_and_never_falls
     assert all(p.head == policy and p.steps == 4 for p in plans)
 
 
+def test_the_plain_policy_never_speculates_even_with_a_perfect_head():
+    ctrl = SpeculatorController(ControllerConfig(max_steps=4, policy="plain"))
+    ctrl.set_adaptive_ready()
+    plans = drive(ctrl, SimulatedServer({"static": 1.0, "adaptive": 1.0}, per_step=0.0), 200)
+    assert all(p.steps == 0 for p in plans)
+    assert ctrl.status()["mode"] == "fallback" and ctrl.status()["lookahead"] == 0
+
+
 def test_status_reports_mode_lookahead_and_each_heads_accept_length():
     ctrl = SpeculatorController(ControllerConfig(max_steps=4))
     drive(ctrl, SimulatedServer({"static": 1.0, "adaptive": 0.0}), 50)

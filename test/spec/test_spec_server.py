@@ -17,9 +17,11 @@ time; the session's plain server (no speculation, same target) is the reference:
 from __future__ import annotations
 
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +50,10 @@ SPEC_CONFIGS = {
                     "--speculative-num-steps", "3", "--speculative-eagle-topk", "3",
                     "--speculative-num-draft-tokens", "6"],
     "ngram": ["--speculative-algorithm", "NGRAM"],
+    # TURBO never speculating: every round is python/sglang_turbo/speculative/worker.py's plain round (the
+    # target's decode step in place of upstream's one-token verify), the learner fed by it
+    "turbo-plain": ["--speculative-algorithm", "TURBO", "--speculative-draft-model-path", "turbo-tiny-eagle3",
+                    "--speculative-num-steps", "4", "--turbo-controller", "plain"],
 }
 
 
@@ -117,12 +123,23 @@ def test_verify_runs_compiled_on_the_platforms_default_cpu_graphs(spec_handle):
     assert draft_compiled == (name != "ngram"), f"{name}: compiled draft {draft_compiled}"
 
 
-def test_meta_info_reports_verify_rounds_and_accept_length(spec_server, post_generate, prompt_ids):
+def test_meta_info_reports_verify_rounds_and_accept_length(spec_handle, spec_server, post_generate, prompt_ids):
     meta = post_generate(spec_server, greedy_payload(prompt_ids["repeats"]))["meta_info"]
     rounds, accept = meta["spec_verify_ct"], meta["spec_accept_length"]
     assert 0 < rounds <= meta["completion_tokens"], meta
     assert accept == pytest.approx(meta["completion_tokens"] / rounds), meta
-    assert accept > 1.0, f"a repetitive prompt accepted no draft token at all: {meta}"
+    if spec_handle[0] == "turbo-plain":
+        # one round per token after the prefill's, each a plain decode step; what they verified reaches the learner
+        assert rounds == meta["completion_tokens"] - 1, meta
+        status = requests.get(f"{spec_server}/turbo/speculator", timeout=30).json()
+        assert status["mode"] == "fallback" and status["plain_rounds"] >= rounds, status
+        deadline = time.time() + 30  # the learner drains its inbox in the background
+        while status["replay_buffer_tokens"] < rounds and time.time() < deadline:
+            time.sleep(0.2)
+            status = requests.get(f"{spec_server}/turbo/speculator", timeout=30).json()
+        assert status["replay_buffer_tokens"] >= rounds, f"plain rounds did not feed the learner: {status}"
+    else:
+        assert accept > 1.0, f"a repetitive prompt accepted no draft token at all: {meta}"
 
 
 # ---------------------------------------------------------------- sampling preserves the distribution

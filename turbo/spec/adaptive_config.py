@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .controller import POLICIES
+
 
 @dataclass(frozen=True)
 class AdaptiveSpecConfig:
@@ -14,7 +16,8 @@ class AdaptiveSpecConfig:
     update_interval: new replay positions between published versions;
     learning: False serves the static head (and any restored version) without training;
     controller: ``auto`` lets turbo.spec.controller pick head and lookahead; ``static`` / ``adaptive``
-    pin that head at the full lookahead with no fallback (for comparisons and tests);
+    pin that head at the full lookahead with no fallback (for comparisons and tests); ``plain`` never
+    speculates: plain decoding while the learner trains on what it verifies;
     topk: target log-probs kept per position, the learner's distillation target.
     """
 
@@ -22,12 +25,12 @@ class AdaptiveSpecConfig:
     replay_tokens: int = 65_536  # --turbo-replay-tokens
     update_interval: int = 1024  # --turbo-update-interval
     learning: bool = True  # --turbo-disable-learning sets False
-    controller: str = "auto"  # --turbo-controller: auto | static | adaptive (fixed head, full lookahead)
+    controller: str = "auto"  # --turbo-controller: auto | static | adaptive (fixed head, full lookahead) | plain
     topk: int = 8
 
     def __post_init__(self) -> None:
-        if self.controller not in ("auto", "static", "adaptive"):
-            raise ValueError(f"--turbo-controller must be auto, static or adaptive, got {self.controller!r}")
+        if self.controller not in POLICIES:
+            raise ValueError(f"--turbo-controller must be one of {', '.join(POLICIES)}, got {self.controller!r}")
         if self.replay_tokens < 64:
             raise ValueError(f"--turbo-replay-tokens must be >= 64, got {self.replay_tokens}")
         if self.update_interval < 1:

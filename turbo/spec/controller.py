@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 HEADS = ("static", "adaptive")
-POLICIES = ("auto", "static", "adaptive")
+POLICIES = ("auto", "static", "adaptive", "plain")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,9 @@ class ControllerConfig:
     request_probe_gap: int = 16  # fewest rounds between probes at request starts
     head_margin: float = 0.1  # accept-length lead the other head needs to take over
     fallback_margin: float = 0.05  # relative speed gap that enters (and, mirrored, leaves) fallback
-    policy: str = "auto"  # "auto"; "static" / "adaptive": that head (static until a version exists), max_steps, no fallback
+    # "auto"; "static" / "adaptive": that head (static until a version exists), max_steps, no fallback;
+    # "plain": never speculate (every round lookahead 0), the learner still fed by the plain rounds
+    policy: str = "auto"
 
     def __post_init__(self) -> None:
         assert self.max_steps >= 1, f"max_steps must be >= 1 (--speculative-num-steps), got {self.max_steps}"
@@ -130,6 +132,8 @@ class SpeculatorController:
 
     def plan(self) -> RoundPlan:
         self.rounds += 1
+        if self.cfg.policy == "plain":
+            return RoundPlan(self.head, 0)
         if self.cfg.policy != "auto":
             head = "adaptive" if self.cfg.policy == "adaptive" and self.adaptive_ready else "static"
             self.head = head
@@ -210,7 +214,7 @@ class SpeculatorController:
 
     @property
     def mode(self) -> str:
-        return "fallback" if self.fallback else self.head
+        return "fallback" if self.fallback or self.cfg.policy == "plain" else self.head
 
     def status(self) -> dict:
         def r(x):
@@ -218,7 +222,7 @@ class SpeculatorController:
 
         return {
             "mode": self.mode,
-            "lookahead": 0 if self.fallback else self._lookahead(self.head),
+            "lookahead": 0 if self.mode == "fallback" else self._lookahead(self.head),
             "max_steps": self.cfg.max_steps,
             "rounds": self.rounds,
             "accept_length": {h: r(self.accept_length(h)) for h in HEADS},

@@ -11,6 +11,8 @@ What it adds to ``EAGLEWorkerV2``, each through a method upstream calls on its w
   head's slot (``turbo.spec.swap``). Every request of a round sees one version.
 - ``on_verify_complete_cpu``: the round's accept counts and wall time go back to the controller.
 - ``_forward_prefill_batch``: counts what the draft prefills and what the radix cache spared it.
+- ``forward_batch_generation``: a decode round the controller runs at lookahead 0 is a plain decode
+  step of the target (``_plain_round``), not upstream's one-token verify.
 
 Lookahead changes use upstream's adaptive runtime states (one set of attention backends per
 step count), built at start-up for 0..--speculative-num-steps.
@@ -96,6 +98,8 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         self._round_started: float | None = None
         self._round_accepted: list[int] | None = None
         self._timed = False
+        self._activated = False  # this round's activate_step_by_batch already ran (forward_batch_generation)
+        self.plain_rounds = 0  # rounds served by _plain_round
 
         self.gauges = None
         if get_observability().enable_metrics:
@@ -174,6 +178,103 @@ class TurboEagle3Worker(EAGLEWorkerV2):
 
     # ------------------------------------------------------------------ upstream hooks
 
+    def activate_step_by_batch(self, batch_size: int) -> None:
+        if self._activated:  # forward_batch_generation planned this round already
+            self._activated = False
+            return
+        super().activate_step_by_batch(batch_size)
+
+    def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
+        if batch.forward_mode.is_decode() and not batch.is_extend_in_batch and pp_proxy_tensors is None:
+            self.activate_step_by_batch(batch.seq_lens.shape[0])  # plans the round: its lookahead
+            self._activated = True
+            if self.speculative_num_steps == 0 and self._plain_round_serves(batch):
+                self._activated = False
+                return self._plain_round(batch, on_publish)
+        return super().forward_batch_generation(batch, on_publish=on_publish, grammar_barrier=grammar_barrier,
+                                                pp_proxy_tensors=pp_proxy_tensors)
+
+    # ------------------------------------------------------------------ plain rounds
+
+    def _plain_round_serves(self, batch) -> bool:
+        """Whether a lookahead-0 round of ``batch`` can be a plain decode step. Requests whose options
+        upstream's verify handles in its own way (grammar, log-probs, hidden states, custom logit
+        processors, watermarks) keep upstream's one-token verify. Penalties (``min_new_tokens``,
+        repetition ...) and logit bias need no exception: both paths add the same pre-accumulated
+        buffers of the step's sampling copy to the logits (eagle_utils.eagle_sample at one draft token,
+        SamplingBatchInfo.apply_logits_bias)."""
+        info = batch.sampling_info
+        draft_input = batch.spec_info
+        return (
+            env.plain_rounds()
+            and getattr(draft_input, "bonus_tokens", None) is not None
+            and not batch.has_grammar
+            and not batch.return_logprob
+            and not batch.return_hidden_states
+            and info is not None
+            and not info.has_custom_logit_processor
+            and not info.has_watermark_candidates
+        )
+
+    def _plain_round(self, batch, on_publish):
+        """The target decodes each request's last committed token, as without speculation.
+
+        Upstream runs a lookahead-0 round as a one-token verify: the same arithmetic, but through the
+        verify path's bookkeeping (tree buffers, verify sampling, accept-path commit) and the eager
+        forward path rather than the decode graph: measured 0.75x a plain server's tokens/s at batch
+        1 on the CPU (docs/adaptive_speculator.md). Here the round is the decode step itself, and the
+        result is what that verify returns (one token per request, no draft accepted).
+
+        The scheduler undoes every edit to ``batch`` after the round (its forward isolation), then
+        applies ``new_seq_lens`` and ``next_draft_input`` itself.
+        """
+        from sglang.srt.managers.utils import GenerationBatchResult
+        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
+        from sglang.srt.speculative.eagle_info import EagleDraftInput
+
+        bs = batch.seq_lens.shape[0]
+        committed = batch.seq_lens  # KV-committed lengths; the bonus token is not written yet
+        tokens = batch.spec_info.bonus_tokens
+        # The slot upstream's decode preparation reserved at the bonus token's position (the one a
+        # one-token verify writes).
+        rows = batch.req_pool_indices.to(torch.int64)
+        batch.out_cache_loc = self.req_to_token_pool.req_to_token[rows, committed.to(torch.int64)].to(torch.int64)
+        batch.input_ids = tokens
+        batch.seq_lens = committed + 1  # a decode step counts the token it decodes
+        if batch.seq_lens_cpu is not None:
+            batch.seq_lens_cpu = batch.seq_lens_cpu + 1
+            batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+        elif batch.seq_lens_sum is not None:
+            batch.seq_lens_sum += bs
+        batch.spec_info = None
+        # The learner trains on the target's aux-layer features of what it verified, plain rounds included.
+        capture = CaptureHiddenMode.FULL if self.learner is not None else CaptureHiddenMode.NULL
+        step = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=capture)
+
+        predict = step.next_token_ids
+        new_seq_lens = committed + 1
+        result = GenerationBatchResult(
+            logits_output=step.logits_output,
+            next_token_ids=predict,
+            can_run_cuda_graph=step.can_run_cuda_graph,
+            speculative_num_draft_tokens=1,
+            next_draft_input=EagleDraftInput(bonus_tokens=predict.to(torch.int32)),
+            accept_lens=torch.ones(bs, dtype=torch.int32, device=predict.device),
+            accept_index=torch.arange(bs, dtype=torch.int32, device=predict.device).view(bs, 1),
+            new_seq_lens=new_seq_lens,
+        )
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        self._stub_skipped_draft_extend(batch, result)  # the draft's catch-up is skipped, as upstream's flag does
+        self.plain_rounds += 1
+        self._tag_slots(batch.out_cache_loc, -1)  # no head wrote these positions' draft KV
+        if self.learner is not None:
+            try:
+                self._record(batch, tokens, result)
+            except Exception:  # never let the learner's feed stop serving
+                logger.exception("TURBO: could not record a plain round; learning from it skipped")
+        return result
+
     def _forward_prefill_batch(self, batch, *args, **kwargs):
         self._timed = False  # the running round's interval now includes a prefill
         self.controller.note_request_start()
@@ -229,13 +330,15 @@ class TurboEagle3Worker(EAGLEWorkerV2):
             self._tag_slots(batch.out_cache_loc[index[index >= 0]], -1 if skipped else self._active_version())
         if self.learner is not None and not batch.forward_mode.is_idle():
             try:
-                self._record(batch, verify_input, result)
+                self._record(batch, verify_input.draft_token, result)
             except Exception:  # never let the learner's feed stop serving
                 logger.exception("TURBO: could not record a verify round; learning from it skipped")
         return result
 
-    def _record(self, batch, verify_input, result) -> None:
-        """Committed positions of each request -> one VerifiedSpan each (copies, off the live tensors)."""
+    def _record(self, batch, verified_tokens, result) -> None:
+        """Committed positions of each request -> one VerifiedSpan each (copies, off the live tensors).
+
+        ``verified_tokens``: the round's input tokens, one row per flat verify position."""
         from turbo.spec.replay import VerifiedSpan
 
         hidden = result.logits_output.hidden_states
@@ -244,7 +347,7 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         accept_lens = result.accept_lens.tolist()
         index = result.accept_index  # (bs, steps + 1) flat verify rows, -1 past each accept length
         rows = index[index >= 0]  # row-major: request by request, in commit order
-        tokens = verify_input.draft_token[rows].to(torch.int64)
+        tokens = verified_tokens[rows].to(torch.int64)
         aux = hidden[rows]  # a copy (advanced indexing); the replay buffer picks its storage dtype
         logprobs = result.logits_output.next_token_logits[rows].float().log_softmax(-1)
         top = logprobs.topk(self.turbo_cfg.topk, dim=-1)
@@ -279,6 +382,7 @@ class TurboEagle3Worker(EAGLEWorkerV2):
             "learner_steps": learner["steps"] if learner else 0,
             "learner_alive": bool(learner and learner["alive"]),
             "learner": learner,
+            "plain_rounds": self.plain_rounds,
             "swaps": self.swaps,
             "last_swap_ms": self.last_swap_ms,
             "spans_dropped": self.spans_dropped,
