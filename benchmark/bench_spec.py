@@ -3,8 +3,14 @@
     python benchmark/bench_spec.py            # 16 prompts per domain, 128 new tokens, batch 1 and 8
     python benchmark/bench_spec.py --systems none,eagle3-chain --domains records --batch 1
 
-Systems: no speculation, EAGLE3 chain and tree, STANDALONE, NGRAM, and TURBO (the adaptive speculator,
-in-domain here: benchmark/bench_adaptive_spec.py measures it under a domain shift).
+Systems (by default): no speculation, EAGLE3 chain and tree, STANDALONE, NGRAM, and TURBO (the adaptive
+speculator, in-domain here: benchmark/bench_adaptive_spec.py measures it under a domain shift). On
+request: ``turbo-plain`` / ``turbo-plain-upstream-rounds``, TURBO never speculating, its rounds run as the
+target's decode step or as upstream's one-token verify (docs/adaptive_speculator.md):
+
+    python benchmark/bench_spec.py --systems none,turbo-plain,turbo-plain-upstream-rounds --batch 1 --domains code
+
+and ``none-overlap``, no speculation on upstream's overlap scheduler (off on the CPU platform, serving.md).
 
 Workload (seeded, in-domain, held out: never seen by turbo-tiny, its draft or its EAGLE3 head in
 training), one per domain: "code", 96-token windows of held-out standard-library files, and
@@ -53,7 +59,17 @@ SYSTEMS = {
     # the adaptive speculator (docs/adaptive_speculator.md) with its defaults: the shipped head, learning
     # on, the controller choosing the head and the lookahead (at most 4 steps); nothing persisted
     "turbo": ["--speculative-algorithm", "TURBO", "--speculative-draft-model-path", "turbo-tiny-eagle3"],
+    # TURBO never speculating (still learning): every round is a lookahead-0 round, run as the target's decode
+    # step, or (SYSTEM_ENV) as upstream's one-token verify
+    "turbo-plain": ["--speculative-algorithm", "TURBO", "--speculative-draft-model-path", "turbo-tiny-eagle3",
+                    "--turbo-controller", "plain"],
+    "turbo-plain-upstream-rounds": ["--speculative-algorithm", "TURBO", "--speculative-draft-model-path",
+                                    "turbo-tiny-eagle3", "--turbo-controller", "plain"],
 }
+SYSTEMS["none-overlap"] = []  # no speculation on upstream's overlap scheduler, which the CPU platform turns off
+SYSTEM_ENV = {"turbo-plain-upstream-rounds": {"SGLANG_TURBO_PLAIN_ROUNDS": "off"},
+              "none-overlap": {"SGLANG_TURBO_OVERLAP_SCHEDULE": "on"}}
+DEFAULT_SYSTEMS = ("none", "eagle3-chain", "eagle3-tree", "standalone", "ngram", "turbo")
 
 
 def make_prompts(tok, domain: str, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
@@ -167,7 +183,7 @@ def _cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {list(SYSTEMS)}")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"comma-separated, from {list(SYSTEMS)}")
     parser.add_argument("--batch", default="1,8", help="comma-separated numbers of requests in flight")
     parser.add_argument("--domains", default="code,records", help="comma-separated, from code,records")
     parser.add_argument("--num-prompts", type=int, default=16)
@@ -207,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         if baseline:
             run(baseline[1], prompts[domains[0]][:2], 16, 2)  # warm-up
         for name in [s for s in systems if s != "none"] or ["none"]:
-            proc, url = baseline if name == "none" else launch_turbo_server(target, SYSTEMS[name])
+            proc, url = baseline if name == "none" else launch_turbo_server(target, SYSTEMS[name],
+                                                                          env=SYSTEM_ENV.get(name))
             try:
                 run(url, prompts[domains[0]][:2], 16, 2)  # warm-up
                 paired_none[name] = {k: [] for k in keys}
@@ -240,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hardware": {"machine": platform.machine(), "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0))},
         "systems": systems,
         "server_args": {s: SYSTEMS[s] for s in systems},
+        "server_env": {s: SYSTEM_ENV[s] for s in systems if s in SYSTEM_ENV},
         "batch": batches,
         "domains": domains,
         "num_prompts": args.num_prompts,
@@ -259,8 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, by_key in ratios.items():
             per_round = " ".join(f"{a['output_tok_s'] / b['output_tok_s']:.2f}"
                                  for a, b in zip(samples[name][key], paired_none[name][key]))
+            accept = runs[name][key]["mean_accept_length"]
             print(f"{key:>10}  {name:>13}/none: tok/s {by_key[key]:.2f}x  (rounds {per_round}; "
-                  f"accept length {runs[name][key]['mean_accept_length']:.2f})")
+                  f"accept length {'-' if accept is None else f'{accept:.2f}'})")
     return result
 
 
