@@ -103,7 +103,8 @@ def apply_overlap_default(args) -> None:
     On a CPU the forward runs synchronously in the scheduler's thread, so there is nothing for the
     next batch's scheduling to overlap with; what remains is the overlap loop's own bookkeeping
     (future maps, the one-step-late result processing). Measured with CPU graphs, turbo-tiny, paired
-    servers: plain decode 1.15x faster with it off at batch 1, 1.08x at batch 8 (docs/serving.md).
+    servers: decode-heavy batch-1 requests 1.08x faster with it off, a mixed workload level
+    (docs/benchmarks.md, "Where the time went", item 12).
     The flag has no "on" form upstream, hence the environment variable.
     """
     if not env.overlap_schedule():
