@@ -44,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmark" / "results" / "spec"
 
+TURBO = ["--speculative-algorithm", "TURBO", "--speculative-draft-model-path", "turbo-tiny-eagle3"]
 SYSTEMS = {
     "none": [],
     "eagle3-chain": ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "turbo-tiny-eagle3",
@@ -58,15 +59,14 @@ SYSTEMS = {
     "ngram": ["--speculative-algorithm", "NGRAM"],
     # the adaptive speculator (docs/adaptive_speculator.md) with its defaults: the shipped head, learning
     # on, the controller choosing the head and the lookahead (at most 4 steps); nothing persisted
-    "turbo": ["--speculative-algorithm", "TURBO", "--speculative-draft-model-path", "turbo-tiny-eagle3"],
+    "turbo": TURBO,
     # TURBO never speculating (still learning): every round is a lookahead-0 round, run as the target's decode
     # step, or (SYSTEM_ENV) as upstream's one-token verify
-    "turbo-plain": ["--speculative-algorithm", "TURBO", "--speculative-draft-model-path", "turbo-tiny-eagle3",
-                    "--turbo-controller", "plain"],
-    "turbo-plain-upstream-rounds": ["--speculative-algorithm", "TURBO", "--speculative-draft-model-path",
-                                    "turbo-tiny-eagle3", "--turbo-controller", "plain"],
+    "turbo-plain": TURBO + ["--turbo-controller", "plain"],
+    "turbo-plain-upstream-rounds": TURBO + ["--turbo-controller", "plain"],
+    "none-overlap": [],  # no speculation on upstream's overlap scheduler (SYSTEM_ENV), which the CPU platform turns off
 }
-SYSTEMS["none-overlap"] = []  # no speculation on upstream's overlap scheduler, which the CPU platform turns off
+# Environment a system's server gets on top of this process's
 SYSTEM_ENV = {"turbo-plain-upstream-rounds": {"SGLANG_TURBO_PLAIN_ROUNDS": "off"},
               "none-overlap": {"SGLANG_TURBO_OVERLAP_SCHEDULE": "on"}}
 DEFAULT_SYSTEMS = ("none", "eagle3-chain", "eagle3-tree", "standalone", "ngram", "turbo")

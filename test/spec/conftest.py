@@ -1,5 +1,7 @@
 """Fixtures shared by the speculative-decoding tests."""
 
+import time
+
 import pytest
 import torch
 
@@ -12,3 +14,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def wait_for():
+    """``wait_for(predicate, timeout_s, what)``: polls until ``predicate()`` is truthy and returns that
+    value; fails the test naming ``what`` after ``timeout_s``."""
+
+    def wait(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(poll_s)
+        pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+
+    return wait

@@ -51,16 +51,6 @@ def status(url: str) -> dict:
     return r.json()
 
 
-def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer) -> dict[str, list[int]]:
     return {name: tokenizer(text).input_ids for name, text in PROMPTS.items()}
@@ -88,7 +78,7 @@ def learning(turbo_server_factory, speculator_dir):
 
 
 @pytest.fixture(scope="module")
-def repeated_workload(learning, post_generate, prompt_ids, plain_greedy):
+def repeated_workload(learning, post_generate, prompt_ids, plain_greedy, wait_for):
     """Five passes over the same prompts; per pass, the outputs and the mean accept length."""
     passes = []
     for _ in range(5):
@@ -227,7 +217,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_newest_good_one(faulty, killed):
     assert f"v{killed + 1:06d}.safetensors" in log, "the log names the corrupt file"
 
 
-def test_a_crashed_learner_never_stops_serving(faulty, post_generate, prompt_ids, plain_greedy):
+def test_a_crashed_learner_never_stops_serving(faulty, post_generate, prompt_ids, plain_greedy, wait_for):
     for name, ids in prompt_ids.items():
         assert post_generate(faulty.base_url, greedy_payload(ids))["output_ids"] == plain_greedy[name]
     s = wait_for(lambda: (lambda s: s if s["learner"]["state"] == "crashed" else None)(status(faulty.base_url)),

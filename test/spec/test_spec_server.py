@@ -17,7 +17,6 @@ time; the session's plain server (no speculation, same target) is the reference:
 from __future__ import annotations
 
 import itertools
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -123,7 +122,8 @@ def test_verify_runs_compiled_on_the_platforms_default_cpu_graphs(spec_handle):
     assert draft_compiled == (name != "ngram"), f"{name}: compiled draft {draft_compiled}"
 
 
-def test_meta_info_reports_verify_rounds_and_accept_length(spec_handle, spec_server, post_generate, prompt_ids):
+def test_meta_info_reports_verify_rounds_and_accept_length(spec_handle, spec_server, post_generate, prompt_ids,
+                                                           wait_for):
     meta = post_generate(spec_server, greedy_payload(prompt_ids["repeats"]))["meta_info"]
     rounds, accept = meta["spec_verify_ct"], meta["spec_accept_length"]
     assert 0 < rounds <= meta["completion_tokens"], meta
@@ -131,13 +131,12 @@ def test_meta_info_reports_verify_rounds_and_accept_length(spec_handle, spec_ser
     if spec_handle[0] == "turbo-plain":
         # one round per token after the prefill's, each a plain decode step; what they verified reaches the learner
         assert rounds == meta["completion_tokens"] - 1, meta
-        status = requests.get(f"{spec_server}/turbo/speculator", timeout=30).json()
-        assert status["mode"] == "fallback" and status["plain_rounds"] >= rounds, status
-        deadline = time.time() + 30  # the learner drains its inbox in the background
-        while status["replay_buffer_tokens"] < rounds and time.time() < deadline:
-            time.sleep(0.2)
-            status = requests.get(f"{spec_server}/turbo/speculator", timeout=30).json()
-        assert status["replay_buffer_tokens"] >= rounds, f"plain rounds did not feed the learner: {status}"
+        def status() -> dict:
+            return requests.get(f"{spec_server}/turbo/speculator", timeout=30).json()
+
+        assert status()["mode"] == "fallback" and status()["plain_rounds"] >= rounds, status()
+        # the learner drains its inbox in the background
+        wait_for(lambda: status()["replay_buffer_tokens"] >= rounds, 30, "plain rounds to feed the learner", 0.2)
     else:
         assert accept > 1.0, f"a repetitive prompt accepted no draft token at all: {meta}"
 

@@ -27,8 +27,11 @@ from pathlib import Path
 
 import torch
 from sglang.srt.environ import envs
+from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.runtime_context import get_observability
 from sglang.srt.speculative.adaptive_runtime_state import AdaptiveController
+from sglang.srt.speculative.eagle_info import EagleDraftInput
 from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
 
 from turbo.spec.controller import ControllerConfig, RoundPlan, SpeculatorController
@@ -100,6 +103,7 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         self._timed = False
         self._activated = False  # this round's activate_step_by_batch already ran (forward_batch_generation)
         self.plain_rounds = 0  # rounds served by _plain_round
+        self._plain_rounds_on = env.plain_rounds()
 
         self.gauges = None
         if get_observability().enable_metrics:
@@ -206,7 +210,7 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         info = batch.sampling_info
         draft_input = batch.spec_info
         return (
-            env.plain_rounds()
+            self._plain_rounds_on
             and getattr(draft_input, "bonus_tokens", None) is not None
             and not batch.has_grammar
             and not batch.return_logprob
@@ -229,10 +233,6 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         The scheduler undoes every edit to ``batch`` after the round (its forward isolation), then
         applies ``new_seq_lens`` and ``next_draft_input`` itself.
         """
-        from sglang.srt.managers.utils import GenerationBatchResult
-        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
-        from sglang.srt.speculative.eagle_info import EagleDraftInput
-
         bs = batch.seq_lens.shape[0]
         committed = batch.seq_lens  # KV-committed lengths; the bonus token is not written yet
         tokens = batch.spec_info.bonus_tokens
