@@ -9,7 +9,8 @@ time; the session's plain server (no speculation, same target) is the reference:
   distribution, computed exactly with transformers (chi-square test);
 - every configuration's target verify runs the compiled forward (CPU graphs; an EAGLE3 target's
   also returns its aux-layer hidden states), and so do the draft's steps and extend (STANDALONE's
-  Llama, the EAGLE3 head; test_compiled_draft.py checks they draft as eagerly);
+  Llama, the EAGLE3 head; test_compiled_draft.py checks they draft as eagerly), all compiled at
+  start-up, none while serving;
 - ``meta_info`` carries ``spec_verify_ct`` and ``spec_accept_length`` as upstream defines
   them (accept length = completion tokens / verify rounds).
 """
@@ -120,6 +121,9 @@ def test_verify_runs_compiled_on_the_platforms_default_cpu_graphs(spec_handle):
     assert compiled, f"{name}: verify ran eagerly; log tail {log[-2000:]}"
     draft_compiled = "draft's decode steps and extend run the compiled forward" in log
     assert draft_compiled == (name != "ngram"), f"{name}: compiled draft {draft_compiled}"
+    # every graph the greedy tests above ran was compiled at start-up: a compile while serving stalls
+    # every request for seconds (TURBO's plain round once fed int32 ids to the int64 decode graphs)
+    assert "compiling for an unforeseen" not in log, f"{name}: a graph compiled while serving"
 
 
 def test_meta_info_reports_verify_rounds_and_accept_length(spec_handle, spec_server, post_generate, prompt_ids,

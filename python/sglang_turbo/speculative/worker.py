@@ -235,7 +235,9 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         """
         bs = batch.seq_lens.shape[0]
         committed = batch.seq_lens  # KV-committed lengths; the bonus token is not written yet
-        tokens = batch.spec_info.bonus_tokens
+        # int64 like a plain decode batch's ids, the dtype the decode graphs were compiled for; the
+        # draft state keeps int32, and the first int32 batch recompiled the graph (a 3.5 s stall).
+        tokens = batch.spec_info.bonus_tokens.to(torch.int64)
         # The slot upstream's decode preparation reserved at the bonus token's position (the one a
         # one-token verify writes).
         rows = batch.req_pool_indices.to(torch.int64)
