@@ -14,9 +14,15 @@ from turbo.spec.controller import ControllerConfig, RoundPlan, SpeculatorControl
 
 
 class SimulatedServer:
-    def __init__(self, p_accept: dict[str, float], base: float = 0.010, per_step: float = 0.003, seed: int = 0):
+    """``switch_cost``: extra seconds of a round whose lookahead switches between 0 and > 0;
+    ``stalls``: round numbers (from 0) that take ``stall_seconds`` more, like a GC pause."""
+
+    def __init__(self, p_accept: dict[str, float], base: float = 0.010, per_step: float = 0.003, seed: int = 0,
+                 switch_cost: float = 0.0, stalls: frozenset[int] = frozenset(), stall_seconds: float = 3.5):
         self.p, self.base, self.per_step = p_accept, base, per_step
+        self.switch_cost, self.stalls, self.stall_seconds = switch_cost, stalls, stall_seconds
         self.rng = random.Random(seed)
+        self.rounds, self.last_steps = 0, None
 
     def run(self, plan: RoundPlan, bsz: int = 1) -> tuple[list[int], float]:
         accepted = []
@@ -25,7 +31,13 @@ class SimulatedServer:
             while n < plan.steps and self.rng.random() < self.p[plan.head]:
                 n += 1
             accepted.append(n)
-        return accepted, self.base + self.per_step * plan.steps
+        seconds = self.base + self.per_step * plan.steps
+        if self.last_steps is not None and (self.last_steps > 0) != (plan.steps > 0):
+            seconds += self.switch_cost
+        if self.rounds in self.stalls:
+            seconds += self.stall_seconds
+        self.rounds, self.last_steps = self.rounds + 1, plan.steps
+        return accepted, seconds
 
 
 def drive(ctrl: SpeculatorController, server: SimulatedServer, rounds: int, request_len: int = 64) -> list[RoundPlan]:
@@ -94,6 +106,30 @@ def test_a_long_request_in_fallback_is_still_probed_now_and_then():
     plans = drive(ctrl, SimulatedServer({"static": 0.05, "adaptive": 0.0}), 1000, request_len=10_000)[200:]
     probes = [p for p in plans if p.steps > 0]
     assert 0 < len(probes) <= len(plans) / cfg.fallback_probe_every * cfg.probe_rounds + cfg.probe_rounds
+
+
+def test_stalled_rounds_do_not_move_the_decision():
+    # p = 0.05 at 4 steps: speculating gives ~46 tok/s, plain decoding 100. A 3.5 s stall (a graph
+    # recompile, measured) in the first plain probe once read plain decoding at a tenth of its rate
+    # for several probes, and the server kept speculating at half its plain speed.
+    first_plain = ControllerConfig(max_steps=4).warmup_rounds
+    server = SimulatedServer({"static": 0.05, "adaptive": 0.0}, stalls=frozenset({first_plain, first_plain + 1}))
+    ctrl = SpeculatorController(ControllerConfig(max_steps=4))
+    plans = drive(ctrl, server, 200)
+    assert [p.steps for p in plans[first_plain:first_plain + 2]] == [0, 0], "the stalls hit plain rounds"
+    assert ctrl.status()["tokens_per_s_per_request"]["plain"] == pytest.approx(100.0, rel=0.01)
+    assert ctrl.mode == "fallback"
+    assert share(plans[32:], lambda p: p.steps == 0) > 0.9
+
+
+def test_the_round_that_switches_between_plain_and_speculative_is_not_timed():
+    # Speculating (~123 tok/s at p = 0.4, 1 step) is 3% slower than plain decoding (127 tok/s, 7.9
+    # ms a round): within the margins. Plain decoding is probed in 3-round bursts while the server
+    # speculates; timed with the round that pays the 10 ms switch, it would read ~30% slow.
+    server = SimulatedServer({"static": 0.4, "adaptive": 0.0}, base=0.0079, per_step=0.0035, switch_cost=0.010)
+    ctrl = SpeculatorController(ControllerConfig(max_steps=1))
+    drive(ctrl, server, 400)
+    assert ctrl.status()["tokens_per_s_per_request"]["plain"] == pytest.approx(1 / 0.0079, rel=0.01)
 
 
 def test_fallback_ends_when_the_head_becomes_good():
