@@ -23,10 +23,10 @@ ATLAS's idea, made concrete for a server whose cost per round we can only measur
    Plain decoding is itself re-measured every ``plain_probe_every`` rounds (load changes it).
    Each rate is the tokens over the time of the last ``rate_window`` timed rounds of its kind,
    recent ones weighted more, stalls left out, and a round that switches between plain and
-   speculative decoding is not timed (it pays the switch: runtime state, the draft's catch-up). Both were measured to matter: an EMA
-   of rates fed one 3.5 s stall held the plain rate at a tenth of its value for several probes,
-   and plain rounds right after speculative ones read ~6 ms against ~3.5 ms in steady fallback,
-   which tilted the comparison toward speculating.
+   speculative decoding is not timed (it pays the switch: runtime state, the draft's catch-up).
+   Both were measured to matter: an EMA of rates fed one 3.5 s stall held the plain rate at a
+   tenth of its value for several probes, and plain rounds right after speculative ones read
+   ~6 ms against ~3.5 ms in steady fallback, which tilted the comparison toward speculating.
 
 Nothing here changes what is generated: verification decides every token. The controller only
 sees accept counts and round times, so it is plain Python and tested without a server.
@@ -66,7 +66,8 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         assert self.max_steps >= 1, f"max_steps must be >= 1 (--speculative-num-steps), got {self.max_steps}"
         assert 0.0 < self.ema_alpha <= 1.0, f"ema_alpha must be in (0, 1], got {self.ema_alpha}"
-        assert self.probe_rounds >= 2, f"probe_rounds must be >= 2 (a probe's first round is not timed), got {self.probe_rounds}"
+        # a probe's first round switches between plain and speculative decoding: it is not timed
+        assert self.probe_rounds >= 2, f"probe_rounds must be >= 2, got {self.probe_rounds}"
         assert self.rate_window >= 1, f"rate_window must be >= 1, got {self.rate_window}"
         assert self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}"
 
