@@ -6,6 +6,11 @@ per forward) loses more to a second OpenMP thread waiting on a descheduled partn
 step is several such forwards (draft steps, verify, draft extend) plus top-k and tree bookkeeping
 between them, so the policy covers the whole step, not only the compiled forwards. Prefill and larger
 batches have enough work per kernel to gain from every core.
+
+The scheduler's bookkeeping around a step (building the next batch: slot allocation, the speculative
+paths' req_to_token writes; processing the result) is tiny tensor ops at any batch size: it always runs
+on one thread. On two threads one such op took 2-3 ms instead of 30 us while another process held the
+second core (turbo/spec/cache_ops._ranges at batch 8, 2026-12-08).
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ import torch
 ONE_THREAD_MAX_BS = 4
 
 RUN_BATCH_TARGET = "sglang.srt.managers.scheduler.Scheduler.run_batch"
+# The scheduler's stages around run_batch in its event loop
+BOOKKEEPING_TARGETS = (
+    "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run",
+    "sglang.srt.managers.scheduler.Scheduler.process_batch_result",
+)
 
 
 def decode_threads(batch_size: int, process_threads: int) -> int:
@@ -26,18 +36,28 @@ def decode_threads(batch_size: int, process_threads: int) -> int:
 
 
 @contextlib.contextmanager
-def threads_for_decode(batch_size: int):
-    """Runs the block on :func:`decode_threads` threads, restoring the process's count after."""
-    threads = torch.get_num_threads()
-    wanted = decode_threads(batch_size, threads)
-    if wanted == threads:
+def running_on(threads: int):
+    """Runs the block on ``threads`` torch threads, restoring the process's count after."""
+    before = torch.get_num_threads()
+    if threads == before:
         yield
         return
-    torch.set_num_threads(wanted)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def threads_for_decode(batch_size: int):
+    """Runs the block on :func:`decode_threads` threads, restoring the process's count after."""
+    return running_on(decode_threads(batch_size, torch.get_num_threads()))
+
+
+def around_bookkeeping(original, scheduler, *args, **kwargs):
+    """An AROUND hook for the scheduler's stages before and after a step: one thread."""
+    with running_on(1):
+        return original(scheduler, *args, **kwargs)
 
 
 def around_run_batch(original, scheduler, batch, *args, **kwargs):
@@ -53,3 +73,5 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(RUN_BATCH_TARGET, around_run_batch, HookType.AROUND)
+    for target in BOOKKEEPING_TARGETS:
+        HookRegistry.register(target, around_bookkeeping, HookType.AROUND)

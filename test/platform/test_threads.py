@@ -1,5 +1,6 @@
 """The step thread policy (sglang_turbo/threads.py): a small decode step, plain or speculative, runs on
-one thread from its first kernel to its last; prefill and larger batches keep the process's threads."""
+one thread from its first kernel to its last; prefill and larger batches keep the process's threads; the
+scheduler's bookkeeping before and after a step runs on one thread at any batch size."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_turbo.threads import ONE_THREAD_MAX_BS, around_run_batch, decode_threads, threads_for_decode
+from sglang_turbo.threads import (
+    ONE_THREAD_MAX_BS,
+    around_bookkeeping,
+    around_run_batch,
+    decode_threads,
+    threads_for_decode,
+)
 
 
 @pytest.fixture
@@ -52,6 +59,15 @@ def test_the_thread_count_comes_back_when_the_step_raises(two_threads):
     assert torch.get_num_threads() == 2
 
 
+def test_bookkeeping_around_a_step_runs_on_one_thread_at_any_batch_size(two_threads):
+    seen = []
+    around_bookkeeping(lambda scheduler, *a, **k: seen.append((torch.get_num_threads(), a, k)), object(),
+                       _batch(decode=True, size=ONE_THREAD_MAX_BS * 8), running_batch=None)
+    assert seen[0][0] == 1
+    assert seen[0][2] == {"running_batch": None}, "arguments pass through"
+    assert torch.get_num_threads() == 2
+
+
 def test_a_nested_forward_keeps_the_steps_single_thread(two_threads):
     """A speculative step's draft forwards may count more rows (topk per request) than the step has
     requests: inside a one-thread step they stay on one thread."""
@@ -74,20 +90,23 @@ class Stop(Exception):
     pass
 
 class FirstAttributeRecordsThreads:
-    # upstream's run_batch reads self.metrics_reporter first: that is where the step has begun
+    # each stage reads an attribute of the scheduler first: that is where the stage has begun
     def __getattr__(self, name):
         raise Stop(torch.get_num_threads())
 
 torch.set_num_threads(2)
 batch = SimpleNamespace(forward_mode=SimpleNamespace(is_decode=lambda: True), batch_size=lambda: 1)
-try:
-    Scheduler.run_batch(FirstAttributeRecordsThreads(), batch)
-except Stop as seen:
-    print("threads inside run_batch:", seen.args[0], "after:", torch.get_num_threads())
+for stage, args in (("run_batch", (batch,)), ("get_next_batch_to_run", ()), ("process_batch_result", (batch, None))):
+    try:
+        getattr(Scheduler, stage)(FirstAttributeRecordsThreads(), *args)
+        print(stage, "ran without reading an attribute")
+    except Stop as seen:
+        print(f"threads inside {stage}:", seen.args[0], "after:", torch.get_num_threads())
 """
 
 
 def test_the_hook_reaches_upstreams_scheduler():
     out = subprocess.run([sys.executable, "-c", WIRING], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "threads inside run_batch: 1 after: 2" in out.stdout, out.stdout + out.stderr[-3000:]
+    for stage in ("run_batch", "get_next_batch_to_run", "process_batch_result"):
+        assert f"threads inside {stage}: 1 after: 2" in out.stdout, out.stdout + out.stderr[-3000:]
