@@ -39,8 +39,9 @@ BATCH_SIZES = [1, 2, 5, 12]
 # assign_req_to_token_pool
 
 
-@pytest.mark.parametrize("bs", BATCH_SIZES)
+@pytest.mark.parametrize("bs", BATCH_SIZES)  # row writes up to ROW_WRITE_MAX_BS, the batched path above it
 def test_assign_req_to_token_pool_writes_each_requests_new_slots_into_its_row(bs):
+    assert max(BATCH_SIZES) > C.ROW_WRITE_MAX_BS >= min(BATCH_SIZES)
     rng = random.Random(bs)
     for trial in range(4):
         rpi = requests(rng, bs)
@@ -59,7 +60,10 @@ def test_assign_req_to_token_pool_writes_each_requests_new_slots_into_its_row(bs
             off += e - s
 
 
-def test_assign_req_to_token_pool_touches_nothing_else_and_ignores_rows_past_batch_size():
+@pytest.mark.parametrize("path", ["row writes", "batched"])
+def test_assign_req_to_token_pool_touches_nothing_else_and_ignores_rows_past_batch_size(path, monkeypatch):
+    if path == "batched":
+        monkeypatch.setattr(C, "ROW_WRITE_MAX_BS", 0)
     before = table(0)
     got = before.clone()
     rpi, start, end = torch.tensor([3, 7, 9]), torch.tensor([5, 0, 2]), torch.tensor([8, 2, 6])
