@@ -92,7 +92,8 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         self.last_swap_ms: float | None = None
         self.draft_prefill_tokens = 0
         self.draft_prefix_hit_tokens = 0
-        # Which head version wrote the draft KV of each token slot (-1: none, a plain round skipped it).
+        # Which head version wrote the draft KV of each token slot (-1: none, a plain round skipped it);
+        # grown (doubling) when a slot lies past it.
         self.slot_version = torch.full((0,), -1, dtype=torch.int32)
         self.stale_prefix_tokens = 0  # prefix-hit tokens whose draft KV an older version wrote
         self.hole_prefix_tokens = 0  # ... that no version wrote
@@ -255,7 +256,7 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         step = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=capture)
 
         predict = step.next_token_ids
-        new_seq_lens = committed + 1
+        new_seq_lens = batch.seq_lens  # committed + 1; the scheduler puts the batch's own tensor back
         result = GenerationBatchResult(
             logits_output=step.logits_output,
             next_token_ids=predict,
@@ -300,12 +301,14 @@ class TurboEagle3Worker(EAGLEWorkerV2):
         slots = slots.to("cpu", torch.int64)
         if slots.numel() == 0:
             return
-        need = int(slots.max()) + 1
-        if need > self.slot_version.numel():
+        try:  # one op in the usual case: each small op costs ~20 us between two forwards on the CPU
+            self.slot_version[slots] = version
+        except IndexError:  # a slot past the table: grow it (what was written before the error is rewritten)
+            need = int(slots.max()) + 1
             grown = torch.full((max(need, 2 * self.slot_version.numel()),), -1, dtype=torch.int32)
             grown[: self.slot_version.numel()] = self.slot_version
             self.slot_version = grown
-        self.slot_version[slots] = version
+            self.slot_version[slots] = version
 
     def _count_stale_prefix(self, batch) -> None:
         """Radix-cache hits whose draft KV another head version (or none) wrote: kept, not recomputed
