@@ -11,6 +11,8 @@ target's decode step or as upstream's one-token verify (docs/adaptive_speculator
     python benchmark/bench_spec.py --systems none,turbo-plain,turbo-plain-upstream-rounds --batch 1 --domains code
 
 and ``none-overlap``, no speculation on upstream's overlap scheduler (off on the CPU platform, serving.md).
+``turbo-plain-no-learning`` and ``turbo-plain-feed-only`` (the learner fed but never training) split
+what learning costs TURBO in fallback.
 
 Workload (seeded, in-domain, held out: never seen by turbo-tiny, its draft or its EAGLE3 head in
 training), one per domain: "code", 96-token windows of held-out standard-library files, and
@@ -64,10 +66,15 @@ SYSTEMS = {
     # step, or (SYSTEM_ENV) as upstream's one-token verify
     "turbo-plain": TURBO + ["--turbo-controller", "plain"],
     "turbo-plain-upstream-rounds": TURBO + ["--turbo-controller", "plain"],
+    # ... with learning off, and with the learner's feed but no training (SYSTEM_ENV: the learner blocks
+    # before its first step): with turbo-plain, what the learner's feed and its training each cost
+    "turbo-plain-no-learning": TURBO + ["--turbo-controller", "plain", "--turbo-disable-learning"],
+    "turbo-plain-feed-only": TURBO + ["--turbo-controller", "plain"],
     "none-overlap": [],  # no speculation on upstream's overlap scheduler (SYSTEM_ENV), which the CPU platform turns off
 }
 # Environment a system's server gets on top of this process's
 SYSTEM_ENV = {"turbo-plain-upstream-rounds": {"SGLANG_TURBO_PLAIN_ROUNDS": "off"},
+              "turbo-plain-feed-only": {"SGLANG_TURBO_LEARNER_FAULT": "hang@0"},
               "none-overlap": {"SGLANG_TURBO_OVERLAP_SCHEDULE": "on"}}
 DEFAULT_SYSTEMS = ("none", "eagle3-chain", "eagle3-tree", "standalone", "ngram", "turbo")
 

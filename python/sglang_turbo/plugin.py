@@ -31,4 +31,4 @@ def register() -> None:
     if portable_platform_active():
         speculative.register()  # draft backends and torch kernels for the speculative workers
         mamba_ops.register()  # torch Mamba2 ops for the hybrid's mixers
-        threads.register()  # small decode steps on one thread
+        threads.register()  # small decode steps and the scheduler's bookkeeping on one thread
