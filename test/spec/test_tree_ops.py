@@ -222,10 +222,10 @@ def test_build_tree_node_with_unselected_parent_gets_no_link_and_depth_one():
 # verify_tree_greedy
 
 
-def run_greedy(fn, candidates, retrieve_index, nxt, sib, target, depth_cap):
+def run_greedy(fn, candidates, retrieve_index, nxt, sib, target, depth_cap, topk=-1):
     bs, n = candidates.shape
     predicts, accept_index, accept_num = verify_buffers(bs, n, depth_cap)
-    out = fn(predicts, accept_index, accept_num, candidates, retrieve_index, nxt, sib, target, topk=-1)
+    out = fn(predicts, accept_index, accept_num, candidates, retrieve_index, nxt, sib, target, topk=topk)
     assert out[0] is predicts and out[1] is accept_index and out[2] is accept_num
     return predicts, accept_index, accept_num
 
@@ -238,6 +238,22 @@ def test_verify_greedy_matches_reference_on_random_trees(bs, n, depth_cap, shuff
         _, cand, ridx, nxt, sib = tree_batch(rng, bs, n, vocab=3, shuffle=shuffle, chain=trial == 0)
         target = torch.randint(0, 3, (bs, n), generator=torch.Generator().manual_seed(trial))
         got = run_greedy(T.verify_tree_greedy, cand, ridx, nxt, sib, target, depth_cap)
+        ref = run_greedy(T.verify_tree_greedy_ref, cand, ridx, nxt, sib, target, depth_cap)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bs,n,depth_cap", [(1, 2, 2), (1, 5, 5), (3, 8, 4), (2, 5, 8), (4, 5, 1), (6, 5, 5)])
+def test_verify_greedy_of_a_chain_topk1_matches_the_tree_walk(bs, n, depth_cap):
+    """topk 1 (upstream's tree_topk of an EAGLE chain) takes the chain path: same writes as the walk,
+    including a chain the target agrees with everywhere and depth caps on both sides of n."""
+    rng = random.Random(bs * 10 + n + depth_cap)
+    for trial in range(12):
+        _, cand, ridx, nxt, sib = tree_batch(rng, bs, n, vocab=2 + trial % 3, shuffle=False, chain=True)
+        target = torch.randint(0, 2 + trial % 3, (bs, n), generator=torch.Generator().manual_seed(trial))
+        if trial % 4 == 0:
+            target[:, :-1] = cand[:, 1:]  # every draft agrees
+        got = run_greedy(T.verify_tree_greedy, cand, ridx, nxt, sib, target, depth_cap, topk=1)
         ref = run_greedy(T.verify_tree_greedy_ref, cand, ridx, nxt, sib, target, depth_cap)
         for a, b in zip(got, ref):
             assert torch.equal(a, b)
