@@ -146,14 +146,25 @@ def build_tree_kernel_efficient(
       little-endian bytes, bit j = column j; byte 0 is assigned, later bytes are OR-ed into the
       (caller-zeroed) buffer, as the CUDA kernel does.
 
-    Row i lets node i see the root (column 0), itself and its ancestors.
+    Row i lets node i see the root (column 0), itself and its ancestors. ``spec_steps`` only tells
+    a chain (topk 1, a node per step) from a tree; a valid tree's walk below stops by itself.
     """
-    del spec_steps  # the depth bound of a valid tree; the walk below stops by itself
     n = num_verify_tokens
     bs = seq_lens.shape[0]
     if bs == 0:
         return
     device = seq_lens.device
+    if topk == 1 and n - 1 == spec_steps:
+        # Every drafted token verified, one per step: the chain root -> 1 -> ... -> n-1, whatever the
+        # scores. Written directly: between two forwards each small op costs ~20 us on the CPU.
+        depth = torch.arange(n, device=device)
+        seq = seq_lens.to(torch.int64)
+        positions.view(-1)[: bs * n] = (seq[:, None] + depth).reshape(-1)
+        retrieve_index[:bs] = torch.arange(bs * n, device=device).view(bs, n)
+        retrieve_next_token[:bs, : n - 1] = depth[1:]
+        _write_tree_mask(tree_mask, torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(bs, n, n),
+                         seq, tree_mask_mode)
+        return
     parents = _eagle_parents(parent_list, top_scores_index, topk, n)
     anc, depth = _ancestors(parents)
     seq = seq_lens.to(torch.int64)
@@ -348,7 +359,8 @@ def _verify_chain_greedy(predicts, accept_index, accept_token_num, candidates, r
     """:func:`verify_tree_greedy` of a chain (node j's only child is j + 1: EAGLE with topk 1), without
     the walk: the accepted drafts are the longest prefix on which draft j equals the target's argmax at
     node j - 1. A handful of ops whatever the depth: between two forwards each small op costs ~20 us on
-    the CPU, and the walk takes ~12 per step."""
+    the CPU, and the walk takes ~12 per step. A topk-1 tree is always this chain: upstream sets
+    num_draft_tokens = num_steps + 1 when topk is 1 (arg_groups/speculative_hook.py)."""
     bs, n = candidates.shape
     depth = min(n, accept_index.shape[1])
     chain = retrieve_index[:, :depth].to(torch.int64)  # (bs, depth) retrieve index of each chain node
@@ -356,7 +368,8 @@ def _verify_chain_greedy(predicts, accept_index, accept_token_num, candidates, r
     agree = candidates[:, 1:depth].to(torch.int64) == target[:, : depth - 1]
     num = agree.to(torch.int64).cumprod(1).sum(1)  # (bs,) accepted drafts
     on_path = torch.arange(depth, device=chain.device) <= num[:, None]  # the root and the accepted nodes
-    accept_index[:, :depth] = torch.where(on_path, chain, accept_index[:, :depth].to(torch.int64)).to(accept_index.dtype)
+    kept = accept_index[:, :depth].to(torch.int64)  # the caller's entries past the accepted nodes
+    accept_index[:, :depth] = torch.where(on_path, chain, kept).to(accept_index.dtype)
     predicts[chain[on_path]] = target[on_path].to(predicts.dtype)
     accept_token_num[:bs] = num.to(accept_token_num.dtype)
     return predicts, accept_index, accept_token_num
