@@ -154,33 +154,27 @@ def build_tree_kernel_efficient(
     if bs == 0:
         return
     device = seq_lens.device
+    seq = seq_lens.to(torch.int64)
     if topk == 1 and n - 1 == spec_steps:
         # Every drafted token verified, one per step: the chain root -> 1 -> ... -> n-1, whatever the
         # scores. Written directly: between two forwards each small op costs ~20 us on the CPU.
-        depth = torch.arange(n, device=device)
-        seq = seq_lens.to(torch.int64)
-        positions.view(-1)[: bs * n] = (seq[:, None] + depth).reshape(-1)
-        retrieve_index[:bs] = torch.arange(bs * n, device=device).view(bs, n)
+        depth = torch.arange(n, device=device)  # the same for every request
         retrieve_next_token[:bs, : n - 1] = depth[1:]
-        _write_tree_mask(tree_mask, torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(bs, n, n),
-                         seq, tree_mask_mode)
-        return
-    parents = _eagle_parents(parent_list, top_scores_index, topk, n)
-    anc, depth = _ancestors(parents)
-    seq = seq_lens.to(torch.int64)
+        rows = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(bs, n, n)
+    else:
+        parents = _eagle_parents(parent_list, top_scores_index, topk, n)
+        anc, depth = _ancestors(parents)
+        valid = (parents >= 0) & (parents < n)
+        first_child, next_sib = _links_from_parents(parents, valid)
+        has_child = first_child >= 0
+        retrieve_next_token[:bs][has_child] = first_child[has_child]
+        has_sib = next_sib >= 0
+        retrieve_next_sibling[:bs][has_sib] = next_sib[has_sib]
+        rows = anc.clone()
+        rows[:, :, 0] = True  # every node sees the root
 
     positions.view(-1)[: bs * n] = (seq[:, None] + depth).reshape(-1)
     retrieve_index[:bs] = torch.arange(bs * n, device=device).view(bs, n)
-
-    valid = (parents >= 0) & (parents < n)
-    first_child, next_sib = _links_from_parents(parents, valid)
-    has_child = first_child >= 0
-    retrieve_next_token[:bs][has_child] = first_child[has_child]
-    has_sib = next_sib >= 0
-    retrieve_next_sibling[:bs][has_sib] = next_sib[has_sib]
-
-    rows = anc.clone()
-    rows[:, :, 0] = True  # every node sees the root
     _write_tree_mask(tree_mask, rows, seq, tree_mask_mode)
 
 
